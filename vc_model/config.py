@@ -190,3 +190,44 @@ RELEASES: dict[str, ModelConfig] = {
     "vc2_t2v_512": VC2_T2V_512,
     "vc1_i2v_512": VC1_I2V_512,
 }
+
+
+def tiny_config(i2v: bool = False, v1: bool = False) -> ModelConfig:
+    """A few-MB model with every block type of a release, for tests and the demo.
+
+    Same sizes as the official golden fixtures. `v1` gives the VideoCrafter1 T2V flags (relative
+    position, no temporal conv); otherwise VideoCrafter2 flags, plus image attention for `i2v`.
+    """
+    unet = UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 1, 2),
+        attention_resolutions=(1, 2),
+        num_res_blocks=1,
+        num_head_channels=16,
+        context_dim=32,
+        temporal_length=8,
+        temporal_conv=not v1,
+        relative_position=v1,
+        fps_cond=True,
+        image_attention=i2v,
+    )
+    text = TextEncoderConfig(width=32, heads=2, layers=3, embed_dim=32)
+    image = None
+    if i2v:
+        image = ImageEncoderConfig(
+            width=32, layers=2, heads=2, patch_size=32, image_size=224, embed_dim=32, text=text,
+            resampler=ResamplerConfig(dim=32, depth=2, dim_head=16, heads=2, num_queries=4,
+                                      embedding_dim=32, output_dim=32, ff_mult=2),
+        )
+    return ModelConfig(
+        name="tiny " + ("I2V" if i2v else "T2V v1" if v1 else "T2V v2"),
+        unet=unet,
+        vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        text_encoder=text,
+        image_encoder=image,
+        schedule=ScheduleConfig(use_scale=not v1, scale_b=0.7),
+        height=64,
+        width=96,
+        frames=4,
+        fps=8 if i2v else 28,
+    )
