@@ -193,10 +193,12 @@ RELEASES: dict[str, ModelConfig] = {
 
 
 def tiny_config(i2v: bool = False, v1: bool = False) -> ModelConfig:
-    """A few-MB model with every block type of a release, for tests and the demo.
+    """A few-MB model with every block type of a release, for tests, the demo and host tests.
 
-    Same sizes as the official golden fixtures. `v1` gives the VideoCrafter1 T2V flags (relative
-    position, no temporal conv); otherwise VideoCrafter2 flags, plus image attention for `i2v`.
+    `v1` gives the VideoCrafter1 T2V flags (relative position, no temporal conv); otherwise the
+    VideoCrafter2 flags, plus image attention and an image encoder for `i2v`. Attention head widths
+    follow the official ones (64 for text, 80 for CLIP vision, 64 for the resampler; the U-Net's is
+    read from `init_attn`), so `detect_config` recognises these models from their weights alone.
     """
     unet = UNetConfig(
         model_channels=32,
@@ -204,20 +206,20 @@ def tiny_config(i2v: bool = False, v1: bool = False) -> ModelConfig:
         attention_resolutions=(1, 2),
         num_res_blocks=1,
         num_head_channels=16,
-        context_dim=32,
+        context_dim=64,
         temporal_length=8,
         temporal_conv=not v1,
         relative_position=v1,
         fps_cond=True,
         image_attention=i2v,
     )
-    text = TextEncoderConfig(width=32, heads=2, layers=3, embed_dim=32)
+    text = TextEncoderConfig(width=64, heads=1, layers=3, embed_dim=64)
     image = None
     if i2v:
         image = ImageEncoderConfig(
-            width=32, layers=2, heads=2, patch_size=32, image_size=224, embed_dim=32, text=text,
-            resampler=ResamplerConfig(dim=32, depth=2, dim_head=16, heads=2, num_queries=4,
-                                      embedding_dim=32, output_dim=32, ff_mult=2),
+            width=80, layers=2, heads=1, patch_size=32, image_size=224, embed_dim=64, text=text,
+            resampler=ResamplerConfig(dim=64, depth=2, dim_head=64, heads=1, num_queries=4,
+                                      embedding_dim=80, output_dim=64, ff_mult=2),
         )
     return ModelConfig(
         name="tiny " + ("I2V" if i2v else "T2V v1" if v1 else "T2V v2"),
@@ -227,7 +229,7 @@ def tiny_config(i2v: bool = False, v1: bool = False) -> ModelConfig:
         image_encoder=image,
         schedule=ScheduleConfig(use_scale=not v1, scale_b=0.7),
         height=64,
-        width=96,
+        width=128,
         frames=4,
         fps=8 if i2v else 28,
     )
