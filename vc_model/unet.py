@@ -1,0 +1,258 @@
+"""The VideoCrafter 3D U-Net (`model.diffusion_model.*` of the official checkpoints).
+
+An SD-2.x style U-Net run on frames folded into the batch, `(b t) c h w`, with a temporal
+transformer after every spatial transformer, an extra temporal transformer (`init_attn`) after the
+input conv, optional temporal convolutions in every ResBlock (`temopral_conv`, sic), optional fps
+conditioning and optional decoupled image cross-attention (I2V).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import SpatialTransformer, TemporalTransformer
+from .config import UNetConfig
+
+DEFAULT_FPS = 16  # the official forward's default when no fps is given
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos half first, in float32. t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def mlp_embedding(dim: int, out_dim: int) -> nn.Sequential:
+    """`Linear -> SiLU -> Linear` (keys `.0.` and `.2.`)."""
+    return nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back (the official `GroupNormSpecific`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def temporal_conv_stage(channels: int, first: bool) -> nn.Sequential:
+    """GroupNorm -> SiLU -> [dropout slot] -> Conv3d kernel (3,1,1) zero-padded in time."""
+    conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+    layers = [nn.GroupNorm(32, channels), nn.SiLU()] + ([] if first else [nn.Identity()]) + [conv]
+    return nn.Sequential(*layers)
+
+
+class TemporalConvBlock(nn.Module):
+    """Four GroupNorm/SiLU/temporal-conv stages with a residual. x [b, c, t, h, w] -> same.
+
+    The GroupNorms see the whole clip, so their statistics pool over frames."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = temporal_conv_stage(channels, first=True)
+        self.conv2 = temporal_conv_stage(channels, first=False)
+        self.conv3 = temporal_conv_stage(channels, first=False)
+        self.conv4 = temporal_conv_stage(channels, first=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+
+
+class ResBlock(nn.Module):
+    """Per-frame ResBlock with the time embedding added as a channel bias, then (VC2 / I2V) the
+    temporal conv block on the unfolded clip."""
+
+    def __init__(self, channels: int, out_channels: int, emb_dim: int, temporal_conv: bool = False):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(32, out_channels), nn.SiLU(), nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if channels == out_channels
+                                else nn.Conv2d(channels, out_channels, 1))
+        if temporal_conv:
+            self.temopral_conv = TemporalConvBlock(out_channels)  # (sic): official key name
+        else:
+            self.temopral_conv = None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, frames: int) -> torch.Tensor:
+        """x [(b t), c, h, w]; emb [b, emb_dim] (one row per video) -> [(b t), out, h, w]."""
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb)
+        h = (h.unflatten(0, (-1, frames)) + emb_out[:, None, :, None, None]).flatten(0, 1)
+        h = self.skip_connection(x) + self.out_layers(h)
+        if self.temopral_conv is not None:
+            h = rearrange(h, "(b t) c h w -> b c t h w", t=frames)
+            h = rearrange(self.temopral_conv(h), "b c t h w -> (b t) c h w")
+        return h
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv per frame (`op`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 conv per frame (`conv`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Block(nn.ModuleList):
+    """A U-Net stage (`TimestepEmbedSequential`): hands each layer the inputs it needs."""
+
+    def forward(self, x, emb, context, image_context, frames):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, frames)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, frames, image_context)
+            elif isinstance(layer, TemporalTransformer):
+                x = layer(x, frames)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet3D(nn.Module):
+    """Predicts noise eps for a latent video. See `forward`."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
+        relpos = cfg.temporal_length if cfg.relative_position else 0
+
+        def res(ch_in, ch_out):
+            return ResBlock(ch_in, ch_out, emb_dim, cfg.temporal_conv)
+
+        def attention(ch):
+            heads = ch // cfg.num_head_channels
+            return [
+                SpatialTransformer(ch, heads, cfg.num_head_channels, cfg.context_dim,
+                                   cfg.transformer_depth, cfg.image_attention),
+                TemporalTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth, relpos),
+            ]
+
+        self.time_embed = mlp_embedding(mc, emb_dim)
+        self.fps_embedding = mlp_embedding(mc, emb_dim) if cfg.fps_cond else None
+
+        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.init_attn = None
+        if cfg.init_attn:
+            self.init_attn = Block([TemporalTransformer(
+                mc, cfg.init_attn_heads, cfg.num_head_channels, cfg.transformer_depth, relpos,
+                conv_proj=True)])
+        skip_channels, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers += attention(ch)
+                self.input_blocks.append(Block(layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(Block([Downsample(ch)]))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = Block([res(ch, ch), *attention(ch), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers += attention(ch)
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(Block(layers))
+
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out[2].weight.dtype
+
+    @property
+    def image_scale(self) -> float:
+        """Weight of the image branch in every spatial cross-attention (I2V)."""
+        return getattr(self, "_image_scale", 1.0)
+
+    @image_scale.setter
+    def image_scale(self, value: float) -> None:
+        self._image_scale = float(value)
+        for module in self.modules():
+            if getattr(module, "image_attention", False):
+                module.image_scale = float(value)
+
+    def embed(self, timesteps: torch.Tensor, fps: torch.Tensor | None) -> torch.Tensor:
+        """timesteps [B], fps [B] or None -> time (+ fps) embedding [B, time_embed_dim]."""
+        mc = self.cfg.model_channels
+        emb = self.time_embed(timestep_embedding(timesteps, mc).to(self.dtype))
+        if self.fps_embedding is not None:
+            emb = emb + self.fps_embedding(timestep_embedding(fps, mc).to(self.dtype))
+        return emb
+
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, fps=None,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in_channels, T, h, w] latent video; timesteps [B] or a number; context [B, L, D]
+        text tokens; fps None (16), a number or [B] (used only with `fps_cond`); image_context
+        [B, N, D] image tokens (I2V; None: no image branch) -> eps [B, out_channels, T, h, w]."""
+        b, _, frames = x.shape[:3]
+        dtype, device = self.dtype, x.device
+        timesteps = _per_sample(timesteps, b, device)
+        fps = _per_sample(DEFAULT_FPS if fps is None else fps, b, device) if self.fps_embedding is not None else None
+        emb = self.embed(timesteps, fps)
+        context = context.to(dtype)
+        if image_context is not None:
+            if not self.cfg.image_attention:
+                raise ValueError("image_context was given but this U-Net has no image cross-attention")
+            image_context = image_context.to(dtype)
+
+        h = rearrange(x.to(dtype), "b c t h w -> (b t) c h w")
+        cond = (emb, context, image_context, frames)
+        skips = []
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, *cond)
+            if i == 0 and self.init_attn is not None:
+                h = self.init_attn(h, *cond)
+            skips.append(h)
+        h = self.middle_block(h, *cond)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), *cond)
+        return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=frames)
+
+
+def _per_sample(value, batch: int, device) -> torch.Tensor:
+    """A number, 0-d or 1-element tensor, or [B] tensor -> [B] tensor."""
+    value = torch.as_tensor(value, device=device)
+    if value.numel() == 1:
+        value = value.reshape(1).expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"expected one value or {batch} values, got shape {tuple(value.shape)}")
+    return value
