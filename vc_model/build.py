@@ -1,0 +1,233 @@
+"""Turning a state dict into ready modules, strictly, with one copy of the weights.
+
+Each component present in the state dict is built on the `meta` device, its expected keys and
+shapes are checked against the file (missing or unexpected keys are an error that names them and
+what the file appears to be), and the tensors are then assigned straight in the target dtype and
+device. Components absent from the file are None in the bundle.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import COMPONENT_PREFIXES, CheckpointError, describe_state_dict, lazy_state_dict, split_components
+from .config import ModelConfig
+from .detect import detect_config, detect_resampler
+from .image_encoder import ImageEncoder, image_encoder_unused_keys
+from .schedule import Schedule, schedule_buffer_shapes, schedule_buffers
+from .text_encoder import TextEncoder
+from .unet import UNet3D
+from .vae import VideoVAE
+
+
+@dataclass
+class Bundle:
+    """The parts of one VideoCrafter model; a part the file lacks is None."""
+
+    config: ModelConfig
+    unet: UNet3D | None = None
+    vae: VideoVAE | None = None
+    text_encoder: TextEncoder | None = None
+    image_encoder: ImageEncoder | None = None
+    schedule: Schedule | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "image_encoder": self.image_encoder}
+        return {name: module for name, module in parts.items() if module is not None}
+
+
+def _shell(config: ModelConfig) -> dict[str, tuple[nn.Module, dict[str, str]]]:
+    """Meta-device modules for every configured component, with `{module key: checkpoint key}`."""
+    out: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    with torch.device("meta"):
+        if config.unet is not None:
+            unet = UNet3D(config.unet)
+            out["unet"] = (unet, {k: COMPONENT_PREFIXES["unet"] + k for k in unet.state_dict()})
+        if config.vae is not None:
+            vae = VideoVAE(config.vae)
+            out["vae"] = (vae, {k: COMPONENT_PREFIXES["vae"] + k for k in vae.state_dict()})
+        if config.text_encoder is not None:
+            text = TextEncoder(config.text_encoder)
+            out["text_encoder"] = (text, {k: COMPONENT_PREFIXES["text_encoder"] + k for k in text.state_dict()})
+        if config.image_encoder is not None:
+            image = ImageEncoder(config.image_encoder)
+            names = {}
+            for k in image.state_dict():
+                part, rest = k.split(".", 1)
+                names[k] = COMPONENT_PREFIXES["image_clip" if part == "clip" else "image_proj"] + rest
+            out["image_encoder"] = (image, names)
+    return out
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key and shape an official checkpoint of `config` holds (meta build; no memory)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module, names in _shell(config).values():
+        state = module.state_dict()
+        shapes.update({full: tuple(state[k].shape) for k, full in names.items()})
+    if config.image_encoder is not None:
+        shapes.update(image_encoder_unused_keys(config.image_encoder))
+    shapes.update(schedule_buffer_shapes(config.schedule))
+    return shapes
+
+
+def build(state_dict: Mapping[str, torch.Tensor], config: ModelConfig | None = None,
+          dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Bundle:
+    """Build every component present in `state_dict`, strictly, in `dtype` on `device`.
+
+    `config` is detected from the weights when not given. `device="meta"` checks keys and shapes
+    and builds without memory. Floating-point weights are cast to `dtype`; the schedule stays float32.
+    """
+    config = config or detect_config(state_dict)
+    groups = split_components(state_dict)
+    present = {
+        "unet": bool(groups["unet"]),
+        "vae": bool(groups["vae"]),
+        "text_encoder": bool(groups["text_encoder"]),
+        "image_encoder": bool(groups["image_clip"] or groups["image_proj"]),
+    }
+    if not any(present.values()):
+        raise CheckpointError(
+            f"This is {describe_state_dict(state_dict)}, not a VideoCrafter checkpoint: no U-Net, VAE, text "
+            "or image encoder keys were found."
+        )
+    if present["image_encoder"] and config.image_encoder is not None and groups["image_proj"]:
+        config = config.replace(image_encoder=_with_resampler(config, state_dict))
+    wanted = {name: getattr(config, name) for name in present if present[name]}
+    for name, part in wanted.items():
+        if part is None:
+            raise CheckpointError(
+                f"The file holds a {name.replace('_', ' ')} but the given config has none; "
+                "pass a config that describes it, or let build() detect one."
+            )
+    config = config.replace(**{name: None for name in present if not present[name]})
+    _check_extra_keys(state_dict, groups, config)
+
+    present_keys = {
+        "unet": list(groups["unet"].values()),
+        "vae": list(groups["vae"].values()),
+        "text_encoder": list(groups["text_encoder"].values()),
+        "image_encoder": list(groups["image_clip"].values()) + list(groups["image_proj"].values()),
+    }
+    bundle = Bundle(config=config)
+    for name, (module, names) in _shell(config).items():
+        _assign(module, names, present_keys[name], state_dict, dtype, device, name)
+        module.eval().requires_grad_(False)
+        setattr(bundle, name, module)
+    if bundle.unet is not None or groups["schedule"]:
+        bundle.schedule = _schedule(config, state_dict, groups)
+    return bundle
+
+
+def load(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         config: ModelConfig | None = None) -> Bundle:
+    """Read a checkpoint file and build it, keeping about one copy of the weights in memory."""
+    return build(lazy_state_dict(path), config=config, dtype=dtype, device=device)
+
+
+def _with_resampler(config: ModelConfig, state_dict) -> object:
+    from dataclasses import replace
+
+    return replace(config.image_encoder, resampler=detect_resampler(state_dict))
+
+
+def _check_extra_keys(state_dict, groups, config: ModelConfig) -> None:
+    unexpected = list(groups["other"])
+    if config.image_encoder is None:
+        unexpected += list(groups["image_leftovers"])
+    else:
+        allowed = image_encoder_unused_keys(config.image_encoder)
+        unexpected += [k for k in groups["image_leftovers"] if k not in allowed]
+    known = schedule_buffer_shapes(config.schedule)
+    unexpected += [k for k in groups["schedule"] if k not in known]
+    if unexpected:
+        raise CheckpointError(
+            f"Unexpected keys {_first(unexpected)} in a file that looks like {describe_state_dict(state_dict)}: "
+            "it is not a VideoCrafter checkpoint of a known layout."
+        )
+
+
+def _first(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _assign(module: nn.Module, names: dict[str, str], present: list[str], state_dict, dtype, device,
+            part: str) -> None:
+    expected = module.state_dict()
+    missing = [full for full in names.values() if full not in state_dict]
+    claimed = set(names.values())
+    stray = [k for k in present if k not in claimed]
+    if missing or stray:
+        problems = []
+        if missing:
+            problems.append(f"missing {_first(missing)}")
+        if stray:
+            problems.append(f"unexpected {_first(stray)}")
+        raise CheckpointError(
+            f"The {part.replace('_', ' ')} does not match the VideoCrafter layout ({'; '.join(problems)}); the file "
+            f"looks like {describe_state_dict(state_dict)}. Use a complete VideoCrafter checkpoint, or pass the "
+            "matching official config."
+        )
+    tensors = {}
+    for key, full in names.items():
+        tensor = state_dict[full]
+        want = tuple(expected[key].shape)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"'{full}' has shape {list(tensor.shape)} where the detected {part.replace('_', ' ')} needs "
+                f"{list(want)}: the file does not match its config."
+            )
+        if device == "meta" or str(device) == "meta":
+            tensors[key] = torch.empty(want, dtype=dtype if tensor.is_floating_point() else tensor.dtype, device="meta")
+        else:
+            tensors[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        del tensor
+    module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def _schedule(config: ModelConfig, state_dict, groups) -> Schedule:
+    shapes = schedule_buffer_shapes(config.schedule)
+    if not groups["schedule"]:
+        return Schedule.from_config(config.schedule)
+    missing = [k for k in shapes if k not in state_dict]
+    if missing:
+        raise CheckpointError(
+            f"The schedule buffers are incomplete (missing {_first(missing)}): the file is not a whole VideoCrafter "
+            "checkpoint."
+        )
+    for key, want in shapes.items():
+        if tuple(state_dict[key].shape) != tuple(want):
+            raise CheckpointError(f"Schedule buffer '{key}' has shape {list(state_dict[key].shape)}, expected {list(want)}.")
+    return Schedule.from_buffers(config.schedule, {k: state_dict[k] for k in shapes})
+
+
+def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random model in the official key layout (for tests, the demo and host tests).
+
+    Values are drawn from a seeded generator, independent of any module's own init: matrices
+    ~ N(0, 1/fan_in), norm weights ~ 1 + N(0, 0.1^2), other vectors ~ N(0, 0.02^2).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in expected_shapes(config).items():
+        if key in schedule_buffer_shapes(config.schedule):
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        if len(shape) >= 2 and leaf not in ("positional_embedding", "latents", "embeddings_table"):
+            value = torch.randn(shape, generator=generator) / math.sqrt(math.prod(shape[1:]))
+        elif leaf == "weight" and len(shape) == 1:
+            value = 1 + 0.1 * torch.randn(shape, generator=generator)
+        elif leaf == "logit_scale":
+            value = torch.full(shape, math.log(1 / 0.07))
+        else:
+            value = 0.02 * torch.randn(shape, generator=generator)
+        out[key] = value
+    out.update(schedule_buffers(config.schedule))
+    return out

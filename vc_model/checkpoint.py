@@ -1,0 +1,254 @@
+"""Reading checkpoint files safely, and naming what a state dict holds.
+
+`.safetensors` files are read tensor by tensor; `.ckpt`/`.pt`/`.pth` pickles are read with
+`torch.load(weights_only=True)`, so a file that needs arbitrary code to unpickle is refused before
+any of its code can run. Errors are `CheckpointError`: one sentence saying what the file is, what
+was expected and what to do.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+
+import torch
+
+# Where each component lives in an official `model.ckpt` state dict.
+COMPONENT_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.model.",
+    "image_clip": "embedder.model.visual.",
+    "image_proj": "image_proj_model.",
+}
+_ALL_PREFIXES = tuple(COMPONENT_PREFIXES.values()) + ("embedder.model.",)
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with the reason and what to do."""
+
+
+class _LightningCheckpointStub:
+    """Stands in for PyTorch Lightning's callback objects stored beside the weights.
+
+    Unpickling one never runs Lightning code: it only swallows the state it is given.
+    """
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Harmless globals that training frameworks store beside the weights. Everything else is refused.
+_EXTRA_SAFE_GLOBALS = [
+    (_LightningCheckpointStub, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_LightningCheckpointStub, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+def _numpy_safe_globals() -> list:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch wheels in practice
+        return []
+    import codecs
+
+    found = [np.dtype, codecs.encode]
+    for path in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        try:
+            module = __import__(path, fromlist=["scalar"])
+            found.append((module.scalar, f"{path}.scalar"))
+        except (ImportError, AttributeError):
+            pass
+    found += [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32")]
+    return found
+
+
+def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint into a flat `{name: tensor}` dict.
+
+    Wrappers are removed: a Lightning `state_dict` entry, or a DeepSpeed `module` entry whose
+    keys carry the 16-character `_forward_module.` prefix. Non-tensor entries are dropped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"No checkpoint file at '{path}': check the path and that the download finished.")
+    if path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        lazy = LazySafetensors(path)
+        return {key: lazy[key].to(device) for key in lazy}
+    return _unwrap(_load_pickle(path, device), path)
+
+
+def lazy_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """Like `load_state_dict`, but safetensors tensors are read only when accessed.
+
+    Pickled checkpoints are memory-mapped where their format allows, so their tensors are also
+    paged in on access. Building from this mapping keeps about one copy of the weights in memory.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"No checkpoint file at '{path}': check the path and that the download finished.")
+    if path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return LazySafetensors(path)
+    return _unwrap(_load_pickle(path, "cpu"), path)
+
+
+class LazySafetensors(Mapping):
+    """A read-only mapping over a safetensors file that loads each tensor on access."""
+
+    def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(path, framework="pt", device="cpu")
+            self._keys = list(self._file.keys())
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(
+                f"'{os.path.basename(path)}' is not a readable safetensors file ({error}); it is probably "
+                "truncated or not a checkpoint: download or convert it again."
+            ) from None
+        self.metadata = self._file.metadata() or {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as error:  # safetensors raises several types for damaged data
+            raise CheckpointError(
+                f"'{os.path.basename(self.path)}' is damaged: tensor '{key}' cannot be read ({error}). "
+                "Download or convert the file again."
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _load_pickle(path: str, device) -> object:
+    name = os.path.basename(path)
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if not head or head[:1] != b"\x80":
+            raise CheckpointError(
+                f"'{name}' is not a PyTorch checkpoint (neither a zip-format torch file nor a pickle): "
+                "use the model.ckpt or .safetensors file of a VideoCrafter release."
+            )
+    safe = _EXTRA_SAFE_GLOBALS + _numpy_safe_globals()
+    try:
+        with torch.serialization.safe_globals(safe):
+            try:
+                return torch.load(path, map_location=device, weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap can only be used" not in str(error):
+                    raise
+                return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        text = str(error)
+        culprit = text.split("GLOBAL ", 1)[1].split(" ", 1)[0] if "GLOBAL " in text else "a Python object"
+        raise CheckpointError(
+            f"Refused '{name}': unpickling it would run arbitrary code ({culprit} is stored in it), so it was "
+            "not loaded and nothing in it was executed. Use a .safetensors version of the model, or a "
+            "checkpoint that holds only tensors."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"'{name}' cannot be read as a PyTorch checkpoint ({str(error).splitlines()[0][:160]}); it is "
+            "probably truncated or damaged: download it again."
+        ) from None
+
+
+def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
+    name = os.path.basename(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):
+        obj = {k[len("_forward_module."):] if k.startswith("_forward_module.") else k: v
+               for k, v in obj["module"].items()}
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"'{name}' holds a {type(obj).__name__}, not a state dict of tensors: "
+            "use the model.ckpt or .safetensors file of a VideoCrafter release."
+        )
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"'{name}' contains no tensors: it is not a model checkpoint.")
+    return tensors
+
+
+def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, str]]:
+    """Group a state dict's keys by component: `{component: {key without prefix: full key}}`.
+
+    Top-level keys without a dot (schedule buffers) go to `"schedule"`; anything else to `"other"`.
+    """
+    groups: dict[str, dict[str, str]] = {name: {} for name in (*COMPONENT_PREFIXES, "image_leftovers", "schedule", "other")}
+    for key in state_dict:
+        for name, prefix in COMPONENT_PREFIXES.items():
+            if key.startswith(prefix):
+                groups[name][key[len(prefix):]] = key
+                break
+        else:
+            if key.startswith("embedder.model."):
+                groups["image_leftovers"][key] = key
+            elif "." not in key:
+                groups["schedule"][key] = key
+            else:
+                groups["other"][key] = key
+    return groups
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the model family a state dict appears to belong to, for error messages."""
+    keys = list(state_dict)
+
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    def shape(key: str):
+        return tuple(state_dict[key].shape) if key in state_dict else None
+
+    if not keys:
+        return "an empty file"
+    if has("conditioner.embedders."):
+        return "an SDXL or Stable Video Diffusion checkpoint"
+    if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
+        return "a diffusers-format model (VideoCrafter needs the original model.ckpt layout)"
+    if has("motion_modules."):
+        return "an AnimateDiff motion module"
+    unet = "model.diffusion_model."
+    conv_in = shape(unet + "input_blocks.0.0.weight")
+    if has(unet + "framestride_embed") or (conv_in is not None and conv_in[1] == 8 and has("image_proj_model.")):
+        return "a DynamiCrafter or ToonCrafter checkpoint (image-concat video model; use a DynamiCrafter node pack)"
+    if has("time_stack.") or has("time_mixer"):
+        return "a Stable Video Diffusion checkpoint"
+    if conv_in is not None and not has(unet + "input_blocks.1.2.") and not has(unet + "init_attn."):
+        context = shape(unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+        if has("cond_stage_model.transformer.") or (context and context[1] == 768):
+            return "a Stable Diffusion 1.x image checkpoint (no temporal layers)"
+        if context and context[1] == 1024:
+            return "a Stable Diffusion 2.x image checkpoint (no temporal layers)"
+        return "an image diffusion U-Net without temporal layers"
+    parts = []
+    if has(unet):
+        parts.append("a VideoCrafter-style 3D U-Net")
+    if has("first_stage_model."):
+        parts.append("a VAE")
+    if has("cond_stage_model."):
+        parts.append("a text encoder")
+    if has("embedder.model.visual.") or has("image_proj_model."):
+        parts.append("an image encoder")
+    if parts:
+        return "a file with " + ", ".join(parts)
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "a standalone VAE file (without the first_stage_model. prefix)"
+    sample = ", ".join(keys[:3])
+    return f"an unknown model (keys such as {sample})"
