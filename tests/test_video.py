@@ -71,14 +71,6 @@ def test_existing_file_is_replaced_only_when_complete(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.mp4"]
 
 
-def test_to_uint8_frames_matches_the_official_conversion():
-    decoded = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 6, 1).expand(3, 1, 6, 1)
-    frames = video.to_uint8_frames(decoded[None])
-    assert frames.shape == (1, 6, 1, 3)
-    # clamp to [-1,1], (x+1)/2*255, truncate
-    assert frames[0, :, 0, 0].tolist() == [0, 0, 127, 254, 255, 255]
-
-
 @pytest.mark.parametrize("bad", [torch.rand(0, 8, 8, 3), torch.rand(4, 8, 8), torch.rand(4, 8, 8, 4)])
 def test_bad_frames_are_refused(tmp_path, bad):
     with pytest.raises(ValueError):

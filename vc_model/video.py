@@ -14,22 +14,6 @@ import torch
 from .files import atomic_output
 
 
-def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """Decoded video [3,T,H,W] or [1,3,T,H,W] in [-1,1] -> uint8 frames [T,H,W,3].
-
-    Same conversion as the official scripts: clamp to [-1,1], map to [0,255] and truncate.
-    """
-    if video.ndim == 5:
-        if video.shape[0] != 1:
-            raise ValueError(f"expected one video, got a batch of {video.shape[0]}")
-        video = video[0]
-    if video.ndim != 4 or video.shape[0] != 3:
-        raise ValueError(f"expected a video shaped [3,T,H,W], got {list(video.shape)}")
-    video = video.detach().float().clamp(-1, 1)
-    frames = ((video + 1) / 2 * 255).to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu()
-
-
 def _as_uint8(frames) -> torch.Tensor:
     """Frames [T,H,W,3] as uint8: uint8 is kept, floats are read as [0,1] (ComfyUI IMAGE layout)."""
     frames = torch.as_tensor(frames)
