@@ -102,21 +102,25 @@ def build(state_dict: Mapping[str, torch.Tensor], config: ModelConfig | None = N
     for name, part in wanted.items():
         if part is None:
             raise CheckpointError(
-                f"The file holds a {name.replace('_', ' ')} but the given config has none; "
-                "pass a config that describes it, or let build() detect one."
+                f"The file holds a {name.replace('_', ' ')} but the given config has none (for an official "
+                "config whose open_clip arch is unknown, pass open_clip_archs); pass a config that describes it, "
+                "or let build() detect one."
             )
     config = config.replace(**{name: None for name in present if not present[name]})
-    _check_extra_keys(state_dict, groups, config)
-
     present_keys = {
         "unet": list(groups["unet"].values()),
         "vae": list(groups["vae"].values()),
         "text_encoder": list(groups["text_encoder"].values()),
         "image_encoder": list(groups["image_clip"].values()) + list(groups["image_proj"].values()),
     }
+    shells = _shell(config)
+    for name, (module, names) in shells.items():
+        _validate(module, names, present_keys[name], state_dict, name)
+    _check_extra_keys(state_dict, groups, config)
+
     bundle = Bundle(config=config)
-    for name, (module, names) in _shell(config).items():
-        _assign(module, names, present_keys[name], state_dict, dtype, device, name)
+    for name, (module, names) in shells.items():
+        _assign(module, names, state_dict, dtype, device)
         module.eval().requires_grad_(False)
         setattr(bundle, name, module)
     if bundle.unet is not None or groups["schedule"]:
@@ -158,37 +162,39 @@ def _first(keys, n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _assign(module: nn.Module, names: dict[str, str], present: list[str], state_dict, dtype, device,
-            part: str) -> None:
-    expected = module.state_dict()
-    missing = [full for full in names.values() if full not in state_dict]
+def _validate(module: nn.Module, names: dict[str, str], present: list[str], state_dict, part: str) -> None:
+    """Strict key and shape check of one component before anything is copied."""
     claimed = set(names.values())
+    missing = [full for full in names.values() if full not in state_dict]
     stray = [k for k in present if k not in claimed]
+    label = part.replace("_", " ")
     if missing or stray:
-        problems = []
-        if missing:
-            problems.append(f"missing {_first(missing)}")
-        if stray:
-            problems.append(f"unexpected {_first(stray)}")
+        problems = ([f"missing {_first(missing)}"] if missing else []) + ([f"unexpected {_first(stray)}"] if stray else [])
         raise CheckpointError(
-            f"The {part.replace('_', ' ')} does not match the VideoCrafter layout ({'; '.join(problems)}); the file "
-            f"looks like {describe_state_dict(state_dict)}. Use a complete VideoCrafter checkpoint, or pass the "
-            "matching official config."
+            f"The {label} does not match the VideoCrafter layout ({'; '.join(problems)}); the file looks like "
+            f"{describe_state_dict(state_dict)}. Use a complete VideoCrafter checkpoint, or pass the matching "
+            "official config."
         )
+    expected = module.state_dict()
+    for key, full in names.items():
+        have, want = tuple(state_dict[full].shape), tuple(expected[key].shape)
+        if have != want:
+            raise CheckpointError(
+                f"'{full}' has shape {list(have)} where the {label} needs {list(want)}: the file does not match its config."
+            )
+
+
+def _assign(module: nn.Module, names: dict[str, str], state_dict, dtype, device) -> None:
+    """Copy (or cast) each tensor once, straight into `dtype` on `device`, and hand it to the module."""
+    on_meta = str(device) == "meta"
     tensors = {}
     for key, full in names.items():
         tensor = state_dict[full]
-        want = tuple(expected[key].shape)
-        if tuple(tensor.shape) != want:
-            raise CheckpointError(
-                f"'{full}' has shape {list(tensor.shape)} where the detected {part.replace('_', ' ')} needs "
-                f"{list(want)}: the file does not match its config."
-            )
-        if device == "meta" or str(device) == "meta":
-            tensors[key] = torch.empty(want, dtype=dtype if tensor.is_floating_point() else tensor.dtype, device="meta")
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        if on_meta or tensor.is_meta:
+            tensors[key] = torch.empty(tensor.shape, dtype=target, device="meta" if on_meta else device)
         else:
-            tensors[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        del tensor
+            tensors[key] = tensor.to(device=device, dtype=target)
     module.load_state_dict(tensors, strict=True, assign=True)
 
 
@@ -205,7 +211,10 @@ def _schedule(config: ModelConfig, state_dict, groups) -> Schedule:
     for key, want in shapes.items():
         if tuple(state_dict[key].shape) != tuple(want):
             raise CheckpointError(f"Schedule buffer '{key}' has shape {list(state_dict[key].shape)}, expected {list(want)}.")
-    return Schedule.from_buffers(config.schedule, {k: state_dict[k] for k in shapes})
+    buffers = {k: state_dict[k] for k in shapes}
+    if any(b.is_meta for b in buffers.values()):  # shapes only: values follow the config
+        return Schedule.from_config(config.schedule)
+    return Schedule.from_buffers(config.schedule, buffers)
 
 
 def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:

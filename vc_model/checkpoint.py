@@ -138,6 +138,10 @@ def _load_pickle(path: str, device) -> object:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(16)
+        if head.startswith(b"PK"):
+            raise CheckpointError(
+                f"'{name}' is a damaged zip archive (probably truncated by an interrupted download): download it again."
+            )
         if not head or head[:1] != b"\x80":
             raise CheckpointError(
                 f"'{name}' is not a PyTorch checkpoint (neither a zip-format torch file nor a pickle): "

@@ -30,6 +30,11 @@ class UNetConfig:
     init_attn: bool = True  # `addition_attention`: temporal transformer right after conv_in
     init_attn_heads: int = 8  # init_attn uses 8 heads of num_head_channels, whatever the width
 
+    def __post_init__(self):
+        # Order carries no meaning; keep one canonical form so configs compare equal.
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions, reverse=True)))
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
@@ -90,7 +95,7 @@ class ImageEncoderConfig:
 
     The official embedder keeps a few text-tower leftovers in the checkpoint
     (`embedder.model.token_embedding.weight`, ...). They are never used; their sizes are
-    described by `text` so a strict key check can name them.
+    described by `text` (with 0 layers: the blocks are deleted) so a strict key check can name them.
     """
 
     width: int = 1280
@@ -100,7 +105,7 @@ class ImageEncoderConfig:
     image_size: int = 224
     mlp_ratio: float = 4.0
     embed_dim: int = 1024  # visual.proj output width (unused: tokens are taken before ln_post)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(layers=0))  # blocks deleted
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
 
 
@@ -207,7 +212,7 @@ def tiny_config(i2v: bool = False, v1: bool = False) -> ModelConfig:
         num_res_blocks=1,
         num_head_channels=16,
         context_dim=64,
-        temporal_length=8,
+        temporal_length=8 if v1 else 16,  # only the relative position table depends on it
         temporal_conv=not v1,
         relative_position=v1,
         fps_cond=True,
@@ -217,7 +222,7 @@ def tiny_config(i2v: bool = False, v1: bool = False) -> ModelConfig:
     image = None
     if i2v:
         image = ImageEncoderConfig(
-            width=80, layers=2, heads=1, patch_size=32, image_size=224, embed_dim=64, text=text,
+            width=80, layers=2, heads=1, patch_size=32, image_size=224, embed_dim=64, text=replace(text, layers=0),
             resampler=ResamplerConfig(dim=64, depth=2, dim_head=64, heads=1, num_queries=4,
                                       embedding_dim=80, output_dim=64, ff_mult=2),
         )
@@ -227,7 +232,7 @@ def tiny_config(i2v: bool = False, v1: bool = False) -> ModelConfig:
         vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
         text_encoder=text,
         image_encoder=image,
-        schedule=ScheduleConfig(use_scale=not v1, scale_b=0.7),
+        schedule=ScheduleConfig(use_scale=False) if v1 else ScheduleConfig(use_scale=True, scale_b=0.7),
         height=64,
         width=128,
         frames=4,

@@ -47,12 +47,21 @@ def detect_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
             f"This is {describe_state_dict(state_dict)}, not a VideoCrafter checkpoint: expected keys under "
             "model.diffusion_model., first_stage_model. and cond_stage_model.model.; use a VideoCrafter model.ckpt."
         )
-    unet = _detect_unet(groups["unet"], shape) if groups["unet"] else None
-    vae = _detect_vae(groups["vae"], shape) if groups["vae"] else None
-    text = _detect_text(groups["text_encoder"], shape) if groups["text_encoder"] else None
-    image = None
-    if groups["image_clip"] or groups["image_proj"]:
-        image = _detect_image(groups, shape, state_dict)
+    family = describe_state_dict(state_dict)
+    if not family.startswith("a file with"):
+        raise CheckpointError(f"This is {family}, not a VideoCrafter checkpoint: use a VideoCrafter model.ckpt.")
+    try:
+        unet = _detect_unet(groups["unet"], shape) if groups["unet"] else None
+        vae = _detect_vae(groups["vae"], shape) if groups["vae"] else None
+        text = _detect_text(groups["text_encoder"], shape) if groups["text_encoder"] else None
+        image = None
+        if groups["image_clip"] or groups["image_proj"]:
+            image = _detect_image(groups, shape, state_dict)
+    except (KeyError, StopIteration, IndexError) as error:
+        raise CheckpointError(
+            f"This looks like {family} but its layout is incomplete or unknown (no {error}); "
+            "use a complete VideoCrafter checkpoint."
+        ) from None
     schedule = _detect_schedule(state_dict)
     config = ModelConfig(name="custom VideoCrafter-style model", unet=unet, vae=vae, text_encoder=text,
                          image_encoder=image, schedule=schedule)
@@ -152,7 +161,7 @@ def _detect_image(groups, shape, state_dict) -> ImageEncoderConfig:
     conv1 = shape(clip["conv1.weight"])
     width, patch = conv1[0], conv1[2]
     grid = int(round(math.sqrt(shape(clip["positional_embedding"])[0] - 1)))
-    text = TextEncoderConfig()
+    text = TextEncoderConfig(layers=0)
     if "embedder.model.token_embedding.weight" in leftovers:
         vocab, twidth = shape("embedder.model.token_embedding.weight")
         embed = shape("embedder.model.text_projection")[-1] if "embedder.model.text_projection" in leftovers else twidth
@@ -167,15 +176,9 @@ def _detect_image(groups, shape, state_dict) -> ImageEncoderConfig:
         image_size=grid * patch,
         mlp_ratio=shape(clip["transformer.resblocks.0.mlp.c_fc.weight"])[0] / width,
         embed_dim=shape(clip["proj"])[1] if "proj" in clip else width,
-        text=_leftover_text(text, state_dict),
+        text=text,
         resampler=detect_resampler(state_dict),
     )
-
-
-def _leftover_text(text: TextEncoderConfig, state_dict) -> TextEncoderConfig:
-    # The text tower of the image embedder is deleted officially; only its layer count of 24 is
-    # implied by the release and never stored, so keep the default count for released sizes.
-    return replace(text, layers=TextEncoderConfig().layers if text.width == TextEncoderConfig().width else text.layers)
 
 
 def detect_resampler(state_dict: Mapping[str, torch.Tensor]) -> ResamplerConfig:
@@ -227,7 +230,8 @@ def config_from_official(params, open_clip_archs: Mapping[str, dict] | None = No
     `params` is that block as a dict, a whole config dict (with `model.params`), or a YAML path.
     Any subset of `unet_config`, `first_stage_config`, `cond_stage_config` and `cond_img_config`
     may be present. `open_clip_archs` gives open_clip model configs for arch names open_clip does
-    not know. The resampler's sizes are not in the YAML; `build` takes them from the weights.
+    not know; an encoder whose arch is unknown is left out (None), which is fine when the state
+    dict lacks it too. The resampler's sizes are not in the YAML; `build` takes them from the weights.
     """
     if isinstance(params, (str, os.PathLike)):
         import yaml
@@ -310,15 +314,13 @@ def _vae_from_official(p: Mapping, scale_factor: float) -> VAEConfig:
     )
 
 
-def _open_clip_cfg(arch: str, open_clip_archs: Mapping[str, dict] | None) -> dict:
+def _open_clip_cfg(arch: str, open_clip_archs: Mapping[str, dict] | None) -> dict | None:
+    """open_clip's model config for `arch`, or None when neither open_clip nor the caller knows it."""
     if open_clip_archs and arch in open_clip_archs:
         return open_clip_archs[arch]
     import open_clip
 
-    cfg = open_clip.get_model_config(arch)
-    if cfg is None:
-        raise ValueError(f"open_clip does not know the arch {arch!r}: pass its model config in open_clip_archs.")
-    return cfg
+    return open_clip.get_model_config(arch)
 
 
 def _text_from_cfg(cfg: Mapping, skip: int) -> TextEncoderConfig:
@@ -334,16 +336,19 @@ def _text_from_official(p: Mapping, open_clip_archs) -> TextEncoderConfig:
     layer = p.get("layer", "last")
     if layer not in ("last", "penultimate"):
         raise ValueError(f"Unsupported text encoder layer {layer!r}: expected 'penultimate' or 'last'.")
-    return _text_from_cfg(_open_clip_cfg(p.get("arch", "ViT-H-14"), open_clip_archs), 1 if layer == "penultimate" else 0)
+    cfg = _open_clip_cfg(p.get("arch", "ViT-H-14"), open_clip_archs)
+    return None if cfg is None else _text_from_cfg(cfg, 1 if layer == "penultimate" else 0)
 
 
 def _image_from_official(p: Mapping, open_clip_archs) -> ImageEncoderConfig:
     cfg = _open_clip_cfg(p.get("arch", "ViT-H-14"), open_clip_archs)
+    if cfg is None:
+        return None
     v = cfg["vision_cfg"]
     width = v.get("width", 768)
     head_width = v.get("head_width", 64)
     return ImageEncoderConfig(
         width=width, layers=v.get("layers", 12), heads=max(1, width // head_width),
         patch_size=v.get("patch_size", 16), image_size=v.get("image_size", 224), mlp_ratio=v.get("mlp_ratio", 4.0),
-        embed_dim=cfg.get("embed_dim", width), text=_text_from_cfg(cfg, 1),
+        embed_dim=cfg.get("embed_dim", width), text=replace(_text_from_cfg(cfg, 1), layers=0),
     )
