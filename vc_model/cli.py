@@ -42,15 +42,23 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.monotonic()
+        self.first = None  # (time, steps done) of the first report: the ETA counts from there
         self.last_decile = -1
 
     def __call__(self, i: int, total: int, *_) -> None:
-        done = i + 1
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / done * (total - done)
+        done, now = i + 1, time.monotonic()
+        elapsed = now - self.start
+        if self.first is None:
+            self.first = (now, done)
+        # the first step also pays for warm-up (and whatever ran before it), so it is left out of the rate
+        first_time, first_done = self.first
+        if done > first_done:
+            eta = _clock((now - first_time) / (done - first_done) * (total - done))
+        else:
+            eta = _clock(elapsed / done * (total - done)) if done == total else "?"
         filled = self.width * done // total
         line = (f"{self.label} {done:>{len(str(total))}}/{total} [{'#' * filled}{'.' * (self.width - filled)}] "
-                f"{100 * done // total:>3}%  {_clock(elapsed)} elapsed, ETA {_clock(eta)}")
+                f"{100 * done // total:>3}%  {_clock(elapsed)} elapsed, ETA {eta}")
         if self.tty:
             self.stream.write("\r" + line + ("\n" if done == total else ""))
         elif (decile := 10 * done // total) != self.last_decile:
@@ -178,7 +186,12 @@ def render(bundle, args, prompt: str, image=None) -> dict:
     width = args.width or config.width
     frames = args.frames or config.frames
     fps = args.fps or config.fps
-    _say(f"generating {frames} frames at {width}x{height}, {args.steps} DDIM steps, cfg {args.cfg}, "
+    from .sampling import ddim_timesteps
+
+    steps = len(ddim_timesteps(args.steps, bundle.schedule.num_timesteps))
+    if steps != args.steps:
+        _say(f"note: the official DDIM spacing runs {steps} steps for --steps {args.steps}")
+    _say(f"generating {frames} frames at {width}x{height}, {steps} DDIM steps, cfg {args.cfg}, "
          f"eta {args.eta}, fps {fps}, seed {args.seed}")
     video = generate(
         bundle, prompt, negative_prompt=getattr(args, "negative", None), image=image,
