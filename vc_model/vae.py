@@ -1,0 +1,315 @@
+"""Per-frame KL autoencoder (`first_stage_model.*`): the SD-style AutoencoderKL, run frame by frame.
+
+Videos are [B, C, T, H, W]. Frames are folded into the batch in chunks of a few frames, so peak
+memory does not grow with T. Latents handed in and out are already multiplied by `scale_factor`.
+Parameter names are the official ones with `first_stage_model.` stripped.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import VAEConfig
+
+# Default chunk: as many frames as four 320x512 frames hold pixels (at least one frame).
+CHUNK_PIXELS = 4 * 320 * 512
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm(32, eps 1e-6), optionally followed by swish. [N, C, H, W] -> same.
+
+    PyTorch's CPU and CUDA kernels accumulate float16/bfloat16 statistics in float32 (measured:
+    identical to upcasting), so half inputs run natively there; other backends upcast.
+    """
+
+    def __init__(self, channels: int, act: bool = False):
+        super().__init__(32, channels, eps=1e-6)
+        self.act = act
+
+    def forward(self, x):
+        if x.dtype in (torch.float16, torch.bfloat16) and x.device.type not in ("cpu", "cuda"):
+            w, b = self.weight.float(), self.bias.float()
+            h = F.group_norm(x.float(), self.num_groups, w, b, self.eps)
+            return (F.silu(h, inplace=True) if self.act else h).to(x.dtype)
+        h = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(h, inplace=True) if self.act else h
+
+
+class ResnetBlock(nn.Module):
+    """GN-swish-conv3x3, GN-swish-conv3x3, plus the input (1x1 `nin_shortcut` if widths differ)."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.norm1 = GroupNorm(dim, act=True)
+        self.conv1 = nn.Conv2d(dim, dim_out, 3, padding=1)
+        self.norm2 = GroupNorm(dim_out, act=True)
+        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+        if dim != dim_out:
+            self.nin_shortcut = nn.Conv2d(dim, dim_out, 1)
+
+    def forward(self, x):
+        """x [N, dim, H, W] -> [N, dim_out, H, W]"""
+        h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
+        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return h.add_(skip)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, 1x1 conv q/k/v/proj_out, residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = GroupNorm(dim)
+        self.q = nn.Conv2d(dim, dim, 1)
+        self.k = nn.Conv2d(dim, dim, 1)
+        self.v = nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        """x [N, C, H, W] -> same"""
+        n, c, height, width = x.shape
+        tokens = rearrange(self.norm(x), "n c h w -> n (h w) c")
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * c, c)
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = rearrange(F.linear(tokens, weight, bias), "n l (qkv c) -> qkv n 1 l c", qkv=3)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale c^-0.5
+        out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)
+        return self.proj_out(out).add_(x)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by one, then 3x3 stride-2 conv: [N, C, H, W] -> [N, C, H//2, W//2]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+# Nearest x2 followed by a 3x3 conv is, for each of the four output phases (row parity a,
+# column parity b), a 2x2 conv of the low-resolution input whose taps are sums of 3x3 taps.
+# PHASE_TAPS[a, tap, k]: which of the 3 kernel rows (or columns) feed tap 0 / 1 of phase a.
+PHASE_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+def upsample_conv(x, weight, bias):
+    """Nearest-neighbour x2 then `conv2d(weight [O, C, 3, 3], bias, padding=1)`, without building
+    the upsampled input (4 taps instead of 9 per output). [N, C, H, W] -> [N, O, 2H, 2W]."""
+    n, c, height, width = x.shape
+    o = weight.shape[0]
+    taps = torch.tensor(PHASE_TAPS, dtype=torch.float32, device=weight.device)
+    kernel = torch.einsum("aui,ocij,bvj->abocuv", taps, weight.float(), taps)
+    kernel = rearrange(kernel, "a b o c u v -> (a b o) c u v").to(weight.dtype)
+    phases = F.conv2d(x, kernel, bias.repeat(4), padding=1)  # window r covers input rows r-1, r
+    phases = rearrange(phases, "n (a b o) h w -> n a b o h w", a=2, b=2)
+    fmt = torch.channels_last if phases.stride(3) == 1 else torch.contiguous_format
+    out = torch.empty(n, o, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=fmt)
+    out_phases = out.view(n, o, height, 2, width, 2)
+    for a in range(2):
+        for b in range(2):
+            out_phases[:, :, :, a, :, b] = phases[:, a, b, :, a:a + height, b:b + width]
+    return out
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 conv: [N, C, H, W] -> [N, C, 2H, 2W]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x):
+        return upsample_conv(x, self.conv.weight, self.conv.bias)
+
+
+class Level(nn.Module):
+    """One resolution: ResnetBlocks (each followed by an AttnBlock if `attn`), then a resampler
+    stored under `resample_name` (`downsample` / `upsample`), if any."""
+
+    def __init__(self, dim, dim_out, blocks, attn, resample=None, resample_name="downsample"):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(dim if i == 0 else dim_out, dim_out) for i in range(blocks))
+        self.attn = nn.ModuleList(AttnBlock(dim_out) for _ in range(blocks if attn else 0))
+        self.resample_name = resample_name
+        if resample is not None:
+            setattr(self, resample_name, resample(dim_out))
+
+    def forward(self, x):
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        resample = getattr(self, self.resample_name, None)
+        return resample(x) if resample is not None else x
+
+
+class Mid(nn.Module):
+    """ResnetBlock, AttnBlock, ResnetBlock at constant width."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(dim, dim)
+        self.attn_1 = AttnBlock(dim)
+        self.block_2 = ResnetBlock(dim, dim)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """Frames [N, in_channels, H, W] -> moments [N, 2*z_channels, H/f, W/f] (f = cfg.downscale)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in (1,) + tuple(cfg.ch_mult)]
+        last = len(cfg.ch_mult) - 1
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            Level(widths[i], widths[i + 1], cfg.num_res_blocks,
+                  attn=(cfg.resolution >> i) in cfg.attn_resolutions,
+                  resample=Downsample if i != last else None, resample_name="downsample")
+            for i in range(len(cfg.ch_mult))
+        )
+        self.mid = Mid(widths[-1])
+        self.norm_out = GroupNorm(widths[-1], act=True)
+        out = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
+        self.conv_out = nn.Conv2d(widths[-1], out, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(self.norm_out(self.mid(h)))
+
+
+class Decoder(nn.Module):
+    """Latent [N, z_channels, h, w] -> frames [N, out_ch, h*f, w*f]. `up[i]` is the level at
+    resolution i (official order: built from the lowest resolution, run from `up[-1]` to `up[0]`)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        levels = len(cfg.ch_mult)
+        width = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, width, 3, padding=1)
+        self.mid = Mid(width)
+        up = []
+        for i in reversed(range(levels)):
+            width_out = cfg.ch * cfg.ch_mult[i]
+            up.insert(0, Level(width, width_out, cfg.num_res_blocks + 1,
+                               attn=(cfg.resolution >> i) in cfg.attn_resolutions,
+                               resample=Upsample if i != 0 else None, resample_name="upsample"))
+            width = width_out
+        self.up = nn.ModuleList(up)
+        self.norm_out = GroupNorm(width, act=True)
+        self.conv_out = nn.Conv2d(width, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(self.norm_out(h))
+
+
+def _frame_ranges(n_frames: int, chunk: int):
+    return [(n0, min(n0 + chunk, n_frames)) for n0 in range(0, n_frames, chunk)]
+
+
+def _gather(video, n0: int, n1: int):
+    """Frames n0:n1 of the frame-major (b t) order of video [B, C, T, ...] -> [n1-n0, C, ...]
+    (a view when the range lies within one video)."""
+    t = video.shape[2]
+    pieces = [video[b, :, max(n0 - b * t, 0):min(n1 - b * t, t)].transpose(0, 1)
+              for b in range(n0 // t, (n1 - 1) // t + 1)]
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _scatter(out, frames, n0: int):
+    """Write frames [N, C, ...] to frame-major positions n0:n0+N of out [B, C, T, ...]."""
+    t = out.shape[2]
+    n1 = n0 + frames.shape[0]
+    for b in range(n0 // t, (n1 - 1) // t + 1):
+        t0, t1 = max(n0 - b * t, 0), min(n1 - b * t, t)
+        out[b, :, t0:t1] = frames[b * t + t0 - n0:b * t + t1 - n0].transpose(0, 1)
+
+
+class VideoVAE(nn.Module):
+    """KL autoencoder applied to each frame of a video. Computes in the dtype of its weights."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        if not cfg.double_z:
+            raise ValueError("the KL autoencoder needs double_z (mean and log-variance)")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    def _chunk(self, frames_per_chunk, height: int, width: int) -> int:
+        if frames_per_chunk:
+            return int(frames_per_chunk)
+        return max(1, CHUNK_PIXELS // (height * width))
+
+    def _prepare(self, frames):
+        """Move to the weights' device and dtype. On CPU also channels_last: oneDNN runs
+        convolutions in NHWC and would otherwise reorder around every conv (2x slower in bf16)."""
+        device = self.quant_conv.weight.device
+        fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        return frames.to(device=device, dtype=self.dtype, memory_format=fmt)
+
+    def posterior(self, frames):
+        """frames [N, 3, H, W] in [-1, 1] -> (mean, logvar), each [N, embed_dim, H/f, W/f],
+        unscaled; logvar clamped to [-30, 20]."""
+        moments = self.quant_conv(self.encoder(self._prepare(frames)))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode_frames(self, z):
+        """Unscaled latent frames [N, embed_dim, h, w] -> frames [N, out_ch, h*f, w*f]."""
+        return self.decoder(self.post_quant_conv(self._prepare(z)))
+
+    def encode(self, video, sample: bool = False, generator=None, frames_per_chunk=None, noise=None):
+        """video [B, 3, T, H, W] in [-1, 1] -> scaled latent [B, embed_dim, T, H/f, W/f].
+
+        The posterior mean times scale_factor; with `sample`, scale_factor * (mean + std * noise),
+        noise drawn from `generator` as one float32 [(B T), embed_dim, h, w] tensor (frame-major, as
+        the official batched encode draws it) or given as `noise` [B, embed_dim, T, h, w].
+        """
+        b, _, t, height, width = video.shape
+        f = self.cfg.downscale
+        if sample and noise is None:
+            device = generator.device if generator is not None else self.quant_conv.weight.device
+            noise = torch.randn(b * t, self.cfg.embed_dim, height // f, width // f,
+                                generator=generator, device=device)
+        elif sample:
+            noise = rearrange(noise, "b c t h w -> (b t) c h w")
+        out = None
+        for n0, n1 in _frame_ranges(b * t, self._chunk(frames_per_chunk, height, width)):
+            mean, logvar = self.posterior(_gather(video, n0, n1))
+            if sample:
+                eps = noise[n0:n1].to(device=mean.device, dtype=mean.dtype)
+                mean = mean + torch.exp(0.5 * logvar) * eps
+            if out is None:
+                out = mean.new_empty(b, mean.shape[1], t, *mean.shape[2:])
+            _scatter(out, self.cfg.scale_factor * mean, n0)
+        return out
+
+    def decode(self, latent, frames_per_chunk=None):
+        """Scaled latent [B, embed_dim, T, h, w] -> video [B, out_ch, T, h*f, w*f], not clamped."""
+        b, _, t, height, width = latent.shape
+        f = self.cfg.downscale
+        out = None
+        for n0, n1 in _frame_ranges(b * t, self._chunk(frames_per_chunk, height * f, width * f)):
+            frames = self.decode_frames(_gather(latent, n0, n1) / self.cfg.scale_factor)
+            if out is None:
+                out = frames.new_empty(b, frames.shape[1], t, *frames.shape[2:])
+            _scatter(out, frames, n0)
+        return out
