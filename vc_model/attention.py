@@ -226,12 +226,14 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         """x [(b t), c, h, w] -> same shape."""
         height, width = x.shape[-2:]
-        # One copy into channel-last tokens [b, (h w), t, c]. Viewed as [b, c, (h w), t] this is a
+        # One copy into contiguous tokens [b, (h w), t, c]. Viewed as [b, c, (h w), t] this is a
         # channels-last tensor, so GroupNorm pools each group over all frames and positions in place.
-        h = rearrange(x, "(b t) c h w -> b (h w) t c", t=frames)
+        h = rearrange(x, "(b t) c h w -> b (h w) t c", t=frames).contiguous()
         h = self.norm(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         h = self._project(self.proj_in, h)
         for block in self.transformer_blocks:
             h = block(h)
         h = self._project(self.proj_out, h)
-        return x + rearrange(h, "b (h w) t c -> (b t) c h w", h=height, w=width)
+        # Residual on 5D views: the sum takes x's memory layout without an extra copy of h.
+        h = rearrange(h, "b (h w) t c -> b t c h w", h=height, w=width)
+        return (x.unflatten(0, (-1, frames)) + h).flatten(0, 1)
