@@ -1,0 +1,121 @@
+"""What a checkpoint file holds, read cheaply enough for ComfyUI's input validation.
+
+No ComfyUI import. `inspect_checkpoint(path)` reads only keys and shapes (the safetensors header, or
+a memory-mapped pickle) plus the small schedule buffers, detects the release from them and checks
+the file against the full VideoCrafter layout, so a U-Net-only file, a VAE-only file or another
+model's checkpoint is refused with one sentence before anything is loaded.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from ..vc_model.build import expected_shapes
+from ..vc_model.checkpoint import (
+    COMPONENT_PREFIXES,
+    SAFETENSORS_EXTENSIONS,
+    CheckpointError,
+    describe_state_dict,
+    lazy_state_dict,
+    split_components,
+)
+from ..vc_model.config import ModelConfig
+from ..vc_model.detect import detect_config
+
+PART_NAMES = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
+_cache: dict[tuple, ModelConfig | CheckpointError] = {}
+
+
+def header_state_dict(path: str) -> Mapping[str, torch.Tensor]:
+    """{key: tensor} where the big tensors may be shape-only (`meta`); schedule buffers are real."""
+    if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return lazy_state_dict(path)  # memory-mapped: shapes are free, data is paged in on access
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            out = {}
+            for key in f.keys():
+                if "." not in key:  # schedule buffers: small, and their values matter
+                    out[key] = f.get_tensor(key)
+                else:
+                    out[key] = torch.empty(f.get_slice(key).get_shape(), device="meta")
+            return out
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"'{os.path.basename(path)}' is not a readable safetensors file ({error}); it is probably truncated "
+            "or not a checkpoint: download or convert it again."
+        ) from None
+
+
+def _parts_problem(name: str, state_dict) -> str | None:
+    groups = split_components(state_dict)
+    description = describe_state_dict(state_dict)
+    found = [part for part in ("unet", "vae", "text_encoder", "image_clip", "image_proj") if groups[part]]
+    if not found or not description.startswith("a file with"):
+        return (f"'{name}' is {description}, not a VideoCrafter checkpoint; the loader needs an official "
+                "VideoCrafter model.ckpt (or its .safetensors conversion).")
+    missing = [label for part, label in PART_NAMES.items() if not groups[part]]
+    if missing:
+        held = ", ".join(PART_NAMES.get(p, "image encoder") for p in found if p != "image_proj") or "nothing usable"
+        return (f"'{name}' is a partial checkpoint (it holds {held} but no {' or '.join(missing)}); the loader needs "
+                "the complete VideoCrafter model.ckpt with U-Net, VAE and text encoder.")
+    if bool(groups["image_clip"]) != bool(groups["image_proj"]):
+        return (f"'{name}' has an incomplete image encoder (CLIP vision tower and image_proj_model must both be "
+                "present); use the complete VideoCrafter I2V model.ckpt.")
+    return None
+
+
+def _layout_problem(name: str, state_dict, config: ModelConfig) -> str | None:
+    want = expected_shapes(config)
+    leftovers = [k for k in want if k.startswith("embedder.model.") and not k.startswith(COMPONENT_PREFIXES["image_clip"])]
+    schedule = [k for k in want if "." not in k]
+    missing = [k for k in want if k not in state_dict and k not in leftovers and k not in schedule]
+    unexpected = [k for k in state_dict if k not in want]
+    wrong = [k for k in want if k in state_dict and tuple(state_dict[k].shape) != tuple(want[k])]
+    if not (missing or unexpected or wrong):
+        return None
+    detail = "; ".join(
+        f"{label} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+    )
+    return f"'{name}' does not match the VideoCrafter layout it resembles ({detail}); it is damaged or not a VideoCrafter checkpoint."
+
+
+def inspect_checkpoint(path: str) -> ModelConfig:
+    """The detected ModelConfig of a complete VideoCrafter checkpoint; CheckpointError otherwise.
+
+    Results are cached per (path, size, mtime), so validation and loading read the header once.
+    """
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _cache:
+        _cache[key] = _inspect(path)
+    result = _cache[key]
+    if isinstance(result, CheckpointError):
+        raise result
+    return result
+
+
+def _inspect(path: str) -> ModelConfig | CheckpointError:
+    name = os.path.basename(path)
+    try:
+        state_dict = header_state_dict(path)
+        problem = _parts_problem(name, state_dict)
+        if problem:
+            return CheckpointError(problem)
+        try:
+            config = detect_config(state_dict)
+        except CheckpointError:
+            raise
+        except (KeyError, ValueError, IndexError, StopIteration, ZeroDivisionError):
+            return CheckpointError(
+                f"'{name}' is {describe_state_dict(state_dict)} whose layout is not a VideoCrafter one; "
+                "use an official VideoCrafter model.ckpt."
+            )
+        problem = _layout_problem(name, state_dict, config)
+        return CheckpointError(problem) if problem else config
+    except CheckpointError as error:
+        return error

@@ -1,0 +1,238 @@
+"""The pack's ComfyUI nodes (V3 API). Each class only declares its inputs and calls a helper module."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..vc_model.checkpoint import CheckpointError
+from . import conditioning, loader, sampler, vae_io
+from .ckpt_check import inspect_checkpoint
+from .logic import MAX_FRAMES, MAX_SIZE, SIZE_MULTIPLE, frames_problem, size_problem
+
+CATEGORY = "VideoCrafter"
+ImageEncoder = io.Custom("VIDEOCRAFTER_IMAGE_ENCODER")
+
+
+class VideoCrafterCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterCheckpointLoader",
+            display_name="Load VideoCrafter Checkpoint",
+            category=CATEGORY,
+            description="Loads an official VideoCrafter model.ckpt/.safetensors (VideoCrafter1 T2V 512/1024, "
+                        "VideoCrafter2, VideoCrafter1 I2V); the release is detected from the weights.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=loader.checkpoint_names(),
+                               tooltip="Checkpoint from models/videocrafter/ (or models/checkpoints/)."),
+                io.Combo.Input("weight_dtype", options=list(loader.WEIGHT_DTYPES), default="auto",
+                               tooltip="Precision of the U-Net weights. auto: ComfyUI's choice for the device "
+                                       "(fp16/bf16 on GPUs, fp32 on CPUs)."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The video U-Net (with the image resampler for I2V)."),
+                io.Clip.Output(tooltip="The OpenCLIP-H text encoder (penultimate layer); use CLIP Text Encode."),
+                io.Vae.Output(tooltip="The per-frame KL VAE; use VideoCrafter Decode/Encode."),
+                ImageEncoder.Output(display_name="IMAGE_ENCODER",
+                                    tooltip="The CLIP image encoder of the I2V model (None for text-to-video)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name, weight_dtype):
+        if weight_dtype not in loader.WEIGHT_DTYPES:
+            return f"weight_dtype must be one of {', '.join(loader.WEIGHT_DTYPES)}."
+        try:
+            inspect_checkpoint(loader.checkpoint_path(ckpt_name))
+        except (CheckpointError, FileNotFoundError) as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, ckpt_name, weight_dtype) -> io.NodeOutput:
+        model, clip, vae, image_encoder, _ = loader.load_checkpoint(loader.checkpoint_path(ckpt_name), weight_dtype)
+        return io.NodeOutput(model, clip, vae, image_encoder)
+
+
+class VideoCrafterImageEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterImageEncode",
+            display_name="VideoCrafter Image Encode",
+            category=CATEGORY,
+            description="I2V: attaches the image's CLIP tokens to positive (squashed to 224x224, no crop, as "
+                        "officially) and the official mid-grey image's tokens to negative.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="Text conditioning of the prompt."),
+                io.Conditioning.Input("negative", tooltip="Text conditioning of the negative (officially the empty prompt)."),
+                ImageEncoder.Input("image_encoder", tooltip="IMAGE_ENCODER output of Load VideoCrafter Checkpoint (I2V model)."),
+                io.Image.Input("image", tooltip="The image to animate; a batch gives one image per video."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, image_encoder, image) -> io.NodeOutput:
+        return io.NodeOutput(*conditioning.attach_image(positive, negative, image_encoder, image))
+
+
+class VideoCrafterConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterConditioning",
+            display_name="VideoCrafter Conditioning",
+            category=CATEGORY,
+            description="Adds the fps conditioning and makes the empty video latent [batch, 4, frames, h/8, w/8].",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="Positive conditioning (CLIP Text Encode, optionally via Image Encode)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning (officially the empty prompt)."),
+                io.Int.Input("width", default=0, min=0, max=MAX_SIZE, step=SIZE_MULTIPLE,
+                             tooltip="Video width in pixels, a multiple of 64. 0: the model's native width "
+                                     "(1024 for VideoCrafter1 T2V 1024, else 512)."),
+                io.Int.Input("height", default=0, min=0, max=MAX_SIZE, step=SIZE_MULTIPLE,
+                             tooltip="Video height in pixels, a multiple of 64. 0: the model's native height "
+                                     "(576 for VideoCrafter1 T2V 1024, else 320)."),
+                io.Int.Input("frames", default=16, min=1, max=MAX_FRAMES,
+                             tooltip="Frames per video; the models were trained on 16."),
+                io.Int.Input("fps", default=0, min=0, max=120,
+                             tooltip="Conditioning fps (motion speed, not the saved video's frame rate). 0: the "
+                                     "release's official value (28 for text-to-video, 8 for image-to-video)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos generated at once."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional: the VideoCrafter MODEL, to resolve the 0 (native) values from "
+                                       "its release; without it 0 means 512x320."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+                io.Latent.Output(display_name="latent"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width, height, frames, fps, batch_size):
+        problem = size_problem(width or SIZE_MULTIPLE, height or SIZE_MULTIPLE) or frames_problem(frames)
+        if problem:
+            return problem
+        if not 0 <= fps <= 120:
+            return f"fps must be from 0 (release default) to 120, got {fps}."
+        if not 1 <= batch_size <= 64:
+            return f"batch_size must be from 1 to 64, got {batch_size}."
+        return True
+
+    @classmethod
+    def execute(cls, positive, negative, width, height, frames, fps, batch_size, model=None) -> io.NodeOutput:
+        return io.NodeOutput(*conditioning.video_conditioning(positive, negative, width, height, frames, fps,
+                                                              batch_size, model))
+
+
+class VideoCrafterSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterSampler",
+            display_name="VideoCrafter Sampler",
+            category=CATEGORY,
+            description="The official VideoCrafter DDIM sampler (uniform timesteps, use_scale, eta), with "
+                        "ComfyUI's CFG, previews and interrupt.",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL from Load VideoCrafter Checkpoint."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning from VideoCrafter Conditioning."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning from VideoCrafter Conditioning."),
+                io.Latent.Input("latent_image", tooltip="Video latent from VideoCrafter Conditioning."),
+                io.Int.Input("seed", default=123, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the starting noise and of the per-step noise (eta > 0)."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="DDIM steps (official 50); timesteps 1, 1+1000//steps, ... as officially."),
+                io.Float.Input("cfg", default=12.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (official 12)."),
+                io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="DDIM stochasticity: 1 = official default, 0 = deterministic. Not the duration."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, eta) -> io.NodeOutput:
+        return io.NodeOutput(sampler.sample(model, positive, negative, latent_image, seed, steps, cfg, eta))
+
+
+class VideoCrafterDDIMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterDDIMSampler",
+            display_name="VideoCrafter DDIM (SAMPLER)",
+            category=CATEGORY,
+            description="The official VideoCrafter DDIM update as a SAMPLER for SamplerCustom (use the ddim_uniform "
+                        "scheduler for the official timesteps).",
+            inputs=[io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01,
+                                   tooltip="DDIM stochasticity: 1 = official default, 0 = deterministic.")],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, eta) -> io.NodeOutput:
+        return io.NodeOutput(sampler.ddim_sampler(eta))
+
+
+class VideoCrafterDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterDecode",
+            display_name="VideoCrafter Decode",
+            category=CATEGORY,
+            description="Decodes a video latent frame by frame into an IMAGE batch [batch*frames, H, W, 3] "
+                        "(for Create Video / Save Video / Save Animated WEBP).",
+            inputs=[
+                io.Latent.Input("samples", tooltip="Video latent [batch, 4, frames, h, w]."),
+                io.Vae.Input("vae", tooltip="VAE from Load VideoCrafter Checkpoint."),
+                io.Int.Input("frames_per_chunk", default=8, min=1, max=MAX_FRAMES,
+                             tooltip="Frames decoded per step; lower it if decoding runs out of memory."),
+            ],
+            outputs=[io.Image.Output(tooltip="All frames, video after video.")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, frames_per_chunk) -> io.NodeOutput:
+        return io.NodeOutput(vae_io.decode(vae, samples["samples"], frames_per_chunk))
+
+
+class VideoCrafterEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterEncode",
+            display_name="VideoCrafter Encode",
+            category=CATEGORY,
+            description="Encodes an IMAGE batch of frames into a video latent [batch, 4, frames, h/8, w/8].",
+            inputs=[
+                io.Image.Input("pixels", tooltip="Frames, video after video (width and height multiples of 64)."),
+                io.Vae.Input("vae", tooltip="VAE from Load VideoCrafter Checkpoint."),
+                io.Int.Input("frames", default=0, min=0, max=MAX_FRAMES,
+                             tooltip="Frames per video; 0 makes one video of all images."),
+                io.Int.Input("frames_per_chunk", default=8, min=1, max=MAX_FRAMES,
+                             tooltip="Frames encoded per step; lower it if encoding runs out of memory."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, frames, frames_per_chunk) -> io.NodeOutput:
+        return io.NodeOutput({"samples": vae_io.encode(vae, pixels, frames, frames_per_chunk)})
+
+
+NODES = [VideoCrafterCheckpointLoader, VideoCrafterImageEncode, VideoCrafterConditioning, VideoCrafterSampler,
+         VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode]
+
+
+class VideoCrafterExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+def extension() -> VideoCrafterExtension:
+    loader.register_folder()
+    return VideoCrafterExtension()

@@ -1,0 +1,32 @@
+"""The diffusion model ComfyUI runs: vc_model's UNet3D plus, for I2V, the image resampler.
+
+No ComfyUI import. The resampler lives inside the diffusion model so ComfyUI's model management
+loads, offloads and casts it with the U-Net, and the conditioning only carries the CLIP patch tokens.
+State-dict keys are the official ones without `model.diffusion_model.`, plus `image_proj_model.*`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..vc_model.config import ResamplerConfig, UNetConfig
+from ..vc_model.resampler import Resampler
+from ..vc_model.unet import UNet3D
+
+
+class VideoCrafterUNet(UNet3D):
+    """UNet3D whose forward takes ComfyUI's keyword arguments; `image_proj_model` for I2V."""
+
+    def __init__(self, cfg: UNetConfig, resampler: ResamplerConfig | None = None):
+        super().__init__(cfg)
+        self.image_proj_model = Resampler(resampler) if resampler is not None else None
+
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor = None, fps=None,
+                clip_tokens: torch.Tensor | None = None, control=None, transformer_options=None, **kwargs):
+        """x [B,4,T,h,w]; timesteps [B]; context [B,L,D] text tokens; fps [B] or None; clip_tokens
+        [B,N,width] CLIP patch tokens (I2V) -> eps [B,4,T,h,w]. ControlNet/patches are not supported."""
+        image_context = None
+        if clip_tokens is not None:
+            if self.image_proj_model is None:
+                raise ValueError("This VideoCrafter model is text-to-video: it cannot use an image conditioning.")
+            image_context = self.image_proj_model(clip_tokens.to(self.dtype))
+        return super().forward(x, timesteps, context, fps=fps, image_context=image_context)

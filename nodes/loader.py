@@ -1,0 +1,195 @@
+"""One VideoCrafter checkpoint -> MODEL, CLIP, VAE and (I2V) the image encoder, all memory-managed.
+
+The release is detected from the weights (`vc_model.detect_config`), never from the file name. The
+U-Net (with the I2V resampler) becomes a `VideoCrafterModel` in a ModelPatcher; the text tower a core
+SD2 CLIP-H (`comfy.sd.CLIP`), the VAE a core `comfy.sd.VAE`, the CLIP vision tower our own module in a
+ModelPatcher. Tensors are read once from the file, straight into the target dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models_base
+import comfy.utils
+import folder_paths
+
+try:  # moved out of comfy/ in July 2024
+    from comfy.text_encoders import sd2_clip
+except ImportError:  # pragma: no cover - older hosts
+    from comfy import sd2_clip
+
+from ..vc_model.build import expected_shapes
+from ..vc_model.checkpoint import COMPONENT_PREFIXES, CheckpointError, lazy_state_dict
+from ..vc_model.config import ModelConfig, TextEncoderConfig, VAEConfig
+from ..vc_model.image_encoder import ImageEncoder
+from ..vc_model.schedule import Schedule, schedule_buffer_shapes
+from .ckpt_check import inspect_checkpoint
+from .diffusion import VideoCrafterUNet
+from .logic import images_to_model, grey_images
+from .model import VideoCrafterLatent, VideoCrafterModel, VideoCrafterModelConfig
+
+FOLDER = "videocrafter"
+WEIGHT_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SUPPORTED_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def register_folder() -> None:
+    """models/videocrafter/ (plus any `videocrafter:` paths from extra_model_paths.yaml)."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError:
+        pass
+
+
+def checkpoint_names() -> list[str]:
+    """Files in models/videocrafter/ and models/checkpoints/ (videocrafter/ wins on equal names)."""
+    return sorted(set(folder_paths.get_filename_list(FOLDER)) | set(folder_paths.get_filename_list("checkpoints")))
+
+
+def checkpoint_path(name: str) -> str:
+    path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("checkpoints", name)
+    if path is None:
+        raise FileNotFoundError(f"'{name}' is in neither models/{FOLDER}/ nor models/checkpoints/.")
+    return path
+
+
+class VideoCrafterImageEncoder:
+    """The I2V checkpoint's CLIP vision tower under model management: IMAGE -> CLIP patch tokens."""
+
+    def __init__(self, tower: torch.nn.Module, image_size: int):
+        self.image_size = image_size
+        self.load_device = mm.text_encoder_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            tower, load_device=self.load_device, offload_device=mm.text_encoder_offload_device())
+
+    def _run(self, pixels: torch.Tensor) -> torch.Tensor:
+        mm.load_model_gpu(self.patcher)
+        tokens = self.patcher.model(pixels.to(self.load_device))
+        return tokens.to(mm.intermediate_device(), torch.float32)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """IMAGE [B,H,W,C] in [0,1] -> [B, tokens, width]: official squash to 224, no crop."""
+        return self._run(images_to_model(images))
+
+    def encode_grey(self, batch: int = 1) -> torch.Tensor:
+        """Tokens of the official unconditional (mid-grey) image, [batch, tokens, width]."""
+        return self._run(grey_images(batch, self.image_size))
+
+
+def _tensors(state_dict, prefix: str, dtype, device) -> dict[str, torch.Tensor]:
+    out = {}
+    for key in state_dict:
+        if key.startswith(prefix):
+            tensor = state_dict[key]
+            out[key[len(prefix):]] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    return out
+
+
+def _parameter_count(config: ModelConfig, prefixes: tuple[str, ...]) -> int:
+    return sum(math.prod(shape) for key, shape in expected_shapes(config).items() if key.startswith(prefixes))
+
+
+def _weight_dtype(choice: str, params: int, load_device) -> torch.dtype:
+    """ComfyUI's choice for `auto`; our modules compute in their weight dtype, so a dtype the device
+    cannot compute in is replaced by ComfyUI's manual-cast dtype for it (fp32 on CPUs)."""
+    if choice not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {choice!r}.")
+    dtype = WEIGHT_DTYPES[choice] or mm.unet_dtype(model_params=params, supported_dtypes=SUPPORTED_DTYPES)
+    manual = mm.unet_manual_cast(dtype, load_device, SUPPORTED_DTYPES)
+    if manual is not None and manual != dtype:
+        logging.info("VideoCrafter: %s weights cannot run on %s; using %s.", dtype, load_device, manual)
+        dtype = manual
+    return dtype
+
+
+def _schedule(state_dict, config: ModelConfig) -> Schedule:
+    names = schedule_buffer_shapes(config.schedule)
+    present = {k: state_dict[k] for k in names if k in state_dict}
+    if not present:
+        return Schedule.from_config(config.schedule)
+    try:
+        return Schedule.from_buffers(config.schedule, present)
+    except ValueError as error:
+        raise CheckpointError(f"The checkpoint's schedule buffers are unusable: {error}") from None
+
+
+def _diffusion_model(state_dict, config: ModelConfig, dtype, device) -> VideoCrafterUNet:
+    resampler = config.image_encoder.resampler if config.image_encoder is not None else None
+    with torch.device("meta"):
+        unet = VideoCrafterUNet(config.unet, resampler)
+    weights = _tensors(state_dict, COMPONENT_PREFIXES["unet"], dtype, device)
+    proj = _tensors(state_dict, COMPONENT_PREFIXES["image_proj"], dtype, device)
+    weights.update({"image_proj_model." + k: v for k, v in proj.items()})
+    unet.load_state_dict(weights, strict=True, assign=True)
+    return unet.eval().requires_grad_(False)
+
+
+def _clip(state_dict, cfg: TextEncoderConfig) -> comfy.sd.CLIP:
+    prefix = COMPONENT_PREFIXES["text_encoder"]
+    weights = {"clip_h." + k: v for k, v in _tensors(state_dict, prefix, None, "cpu").items()}
+    weights = comfy.utils.clip_text_transformers_convert(weights, "clip_h.", "clip_h.transformer.")
+    sizes = {  # the core SD2 CLIP-H config, resized to this checkpoint's tower (same for the releases)
+        "hidden_size": cfg.width, "intermediate_size": int(round(cfg.width * cfg.mlp_ratio)),
+        "num_attention_heads": cfg.heads, "num_hidden_layers": cfg.layers,
+        "max_position_embeddings": cfg.context_length, "vocab_size": cfg.vocab_size, "projection_dim": cfg.embed_dim,
+    }
+    target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
+    params = sum(t.numel() for t in weights.values())
+    return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                         state_dict=weights, parameters=params, model_options={"clip_h_model_config": sizes})
+
+
+def _vae(state_dict, cfg: VAEConfig) -> comfy.sd.VAE:
+    weights = _tensors(state_dict, COMPONENT_PREFIXES["vae"], None, "cpu")
+    config = None  # the released VAE is the SD one; ComfyUI's own detection then tunes memory use
+    if dataclasses.replace(cfg, scale_factor=VAEConfig().scale_factor) != VAEConfig():
+        config = {"params": {"embed_dim": cfg.embed_dim, "ddconfig": {
+            "double_z": cfg.double_z, "z_channels": cfg.z_channels, "resolution": cfg.resolution,
+            "in_channels": cfg.in_channels, "out_ch": cfg.out_ch, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult),
+            "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions), "dropout": 0.0}}}
+    return comfy.sd.VAE(sd=weights, config=config)
+
+
+def _image_encoder(state_dict, config: ModelConfig) -> VideoCrafterImageEncoder:
+    cfg = config.image_encoder
+    load_device = mm.text_encoder_device()
+    dtype = mm.text_encoder_dtype(load_device)
+    with torch.device("meta"):
+        tower = ImageEncoder(cfg).clip
+    tower.load_state_dict(_tensors(state_dict, COMPONENT_PREFIXES["image_clip"], dtype, mm.text_encoder_offload_device()),
+                          strict=True, assign=True)
+    return VideoCrafterImageEncoder(tower.eval().requires_grad_(False), cfg.image_size)
+
+
+def load_checkpoint(path: str, weight_dtype: str = "auto"):
+    """-> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE, VideoCrafterImageEncoder or None, ModelConfig)."""
+    config = inspect_checkpoint(path)
+    state_dict = lazy_state_dict(path)
+    load_device = mm.get_torch_device()
+    params = _parameter_count(config, (COMPONENT_PREFIXES["unet"], COMPONENT_PREFIXES["image_proj"]))
+    dtype = _weight_dtype(weight_dtype, params, load_device)
+
+    model_config = VideoCrafterModelConfig(config)
+    model_config.latent_format = VideoCrafterLatent(config.vae.scale_factor)
+    model_config.set_inference_dtype(dtype, None)
+    diffusion = _diffusion_model(state_dict, config, dtype, mm.unet_inital_load_device(params, dtype))
+    model = VideoCrafterModel(model_config, diffusion, _schedule(state_dict, config))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    logging.info("VideoCrafter: loaded %s (%s) as %s", os.path.basename(path), config.name, dtype)
+
+    clip = _clip(state_dict, config.text_encoder)
+    vae = _vae(state_dict, config.vae)
+    image_encoder = _image_encoder(state_dict, config) if config.image_encoder is not None else None
+    return patcher, clip, vae, image_encoder, config

@@ -1,0 +1,99 @@
+"""Host-free helpers of the nodes: size checks, latent/frame layouts, image conversions.
+
+No ComfyUI import. Errors are returned as one-sentence strings (for `validate_inputs`) or raised
+as ValueError with such a sentence.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+SIZE_MULTIPLE = 64  # pixels: the released U-Nets downsample the 8x VAE latent three times
+MAX_SIZE = 4096
+MAX_FRAMES = 256
+LATENT_CHANNELS = 4
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """None when width and height are usable pixel sizes, else one sentence saying what to change."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{name} must be a whole number of pixels, got {value!r}."
+        if value < SIZE_MULTIPLE or value > MAX_SIZE or value % SIZE_MULTIPLE:
+            lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            return (f"{name} {value} is not usable: VideoCrafter needs a multiple of {SIZE_MULTIPLE} between "
+                    f"{SIZE_MULTIPLE} and {MAX_SIZE} (for example {min(lower, MAX_SIZE)}).")
+    return None
+
+
+def frames_problem(frames: int) -> str | None:
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_FRAMES:
+        return f"frames must be a whole number from 1 to {MAX_FRAMES} (the models were trained on 16), got {frames!r}."
+    return None
+
+
+def empty_latent(batch: int, frames: int, width: int, height: int, device=None) -> torch.Tensor:
+    """Zeros [batch, 4, frames, height/8, width/8] (ComfyUI LATENT samples, unscaled)."""
+    return torch.zeros([batch, LATENT_CHANNELS, frames, height // 8, width // 8], device=device)
+
+
+def latent_problem(samples) -> str | None:
+    """None for a VideoCrafter latent [B,4,T,h,w], else one sentence about what was given instead."""
+    if not isinstance(samples, torch.Tensor):
+        return f"Expected a latent tensor, got {type(samples).__name__}."
+    shape = list(samples.shape)
+    if samples.ndim == 4:
+        return (f"This is an image latent {shape} (from an image model or Empty Latent Image); VideoCrafter needs "
+                "a video latent [batch, 4, frames, height/8, width/8] from VideoCrafter Conditioning or VideoCrafter Encode.")
+    if samples.ndim != 5:
+        return f"Expected a video latent [batch, 4, frames, height/8, width/8], got shape {shape}."
+    if samples.shape[1] != LATENT_CHANNELS:
+        return (f"This video latent has {samples.shape[1]} channels (another video model's latent, shape {shape}); "
+                "VideoCrafter latents have 4 channels.")
+    return None
+
+
+def latent_to_frames(samples: torch.Tensor) -> torch.Tensor:
+    """[B,4,T,h,w] -> [B*T,4,h,w], batch-major (all frames of video 0 first)."""
+    return rearrange(samples, "b c t h w -> (b t) c h w")
+
+
+def frames_to_latent(frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B*T,4,h,w] -> [B,4,T,h,w]; the inverse of `latent_to_frames`."""
+    return rearrange(frames, "(b t) c h w -> b c t h w", b=batch)
+
+
+def video_batch(n_images: int, frames: int) -> tuple[int, int]:
+    """How an IMAGE batch of n_images splits into videos: (batch, frames per video).
+
+    frames = 0 means one video of all images. Raises ValueError when they do not divide evenly.
+    """
+    if n_images < 1:
+        raise ValueError("The image batch is empty.")
+    if frames == 0:
+        return 1, n_images
+    if n_images % frames:
+        raise ValueError(f"{n_images} images cannot be split into videos of {frames} frames; "
+                         "set frames to a divisor of the batch, or 0 for one video of all images.")
+    return n_images // frames, frames
+
+
+def chunks(total: int, size: int) -> list[tuple[int, int]]:
+    """[(start, end), ...] covering range(total) in pieces of at most `size` (size >= 1)."""
+    size = max(1, int(size))
+    return [(i, min(i + size, total)) for i in range(0, total, size)]
+
+
+def images_to_model(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] in [0,1] -> [B,3,H,W] in [-1,1] (extra channels such as alpha dropped)."""
+    if images.ndim != 4:
+        raise ValueError(f"Expected an IMAGE batch [batch, height, width, channels], got shape {list(images.shape)}.")
+    x = images[..., :3]
+    if x.shape[-1] == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    return x.movedim(-1, 1).float() * 2.0 - 1.0
+
+
+def grey_images(batch: int, size: int, device=None) -> torch.Tensor:
+    """The official unconditional I2V image: zeros in [-1,1] (mid-grey), [batch,3,size,size]."""
+    return torch.zeros(batch, 3, size, size, device=device)
