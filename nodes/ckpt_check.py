@@ -102,20 +102,26 @@ def inspect_checkpoint(path: str) -> ModelConfig:
 def _inspect(path: str) -> ModelConfig | CheckpointError:
     name = os.path.basename(path)
     try:
-        state_dict = header_state_dict(path)
-        problem = _parts_problem(name, state_dict)
-        if problem:
-            return CheckpointError(problem)
-        try:
-            config = detect_config(state_dict)
-        except CheckpointError:
-            raise
-        except (KeyError, ValueError, IndexError, StopIteration, ZeroDivisionError):
-            return CheckpointError(
-                f"'{name}' is {describe_state_dict(state_dict)} whose layout is not a VideoCrafter one; "
-                "use an official VideoCrafter model.ckpt."
-            )
-        problem = _layout_problem(name, state_dict, config)
-        return CheckpointError(problem) if problem else config
+        return screen(name, header_state_dict(path))
     except CheckpointError as error:
         return error
+
+
+def screen(name: str, state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Detected config of a complete VideoCrafter state dict (tensors may be `meta`); CheckpointError otherwise."""
+    problem = _parts_problem(name, state_dict)
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        config = detect_config(state_dict)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, IndexError, StopIteration, ZeroDivisionError):
+        raise CheckpointError(
+            f"'{name}' is {describe_state_dict(state_dict)} whose layout is not a VideoCrafter one; "
+            "use an official VideoCrafter model.ckpt."
+        ) from None
+    problem = _layout_problem(name, state_dict, config)
+    if problem:
+        raise CheckpointError(problem)
+    return config
