@@ -111,7 +111,7 @@ def test_generate_i2v_takes_an_image_and_needs_one(tmp_path, capsys):
     "extra, words",
     [
         (["--height", "100"], "multiple of 32"),
-        (["--width", "0"], "positive"),
+        (["--width", "0"], "positive multiple of 32"),
         (["--frames", "0"], "--frames"),
         (["--frames", "100000"], "--frames"),
         (["--steps", "0"], "--steps"),

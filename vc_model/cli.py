@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, CheckpointError
+from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS
 
 CHECKPOINT_EXTENSIONS = PICKLE_EXTENSIONS + SAFETENSORS_EXTENSIONS
 MAX_FRAMES = 256
@@ -116,14 +116,19 @@ def _check_sampling(args) -> None:
         _check_range("frames", args.frames, 1, MAX_FRAMES)
 
 
-def _check_size(config, height: int, width: int) -> None:
+def resolve_video_options(args, config) -> tuple[int, int, int, int]:
+    """(height, width, frames, fps): the command line's values, or the model's native ones,
+    with height and width checked against what the model can take."""
     from .pipeline import pixel_multiple
 
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    height, width = pick(args.height, config.height), pick(args.width, config.width)
     multiple = pixel_multiple(config)
     for name, value in (("height", height), ("width", width)):
         if value <= 0 or value % multiple:
             nearest = max(multiple, round(value / multiple) * multiple)
             raise UsageError(f"--{name} must be a positive multiple of {multiple}, got {value} (try {nearest}).")
+    return height, width, pick(args.frames, config.frames), pick(args.fps, config.fps)
 
 
 def pick_device(name: str) -> torch.device:
@@ -181,11 +186,7 @@ def render(bundle, args, prompt: str, image=None) -> dict:
     from .pipeline import generate, to_uint8_frames
     from .video import read_mp4_info, write_mp4
 
-    config = bundle.config
-    height = args.height or config.height
-    width = args.width or config.width
-    frames = args.frames or config.frames
-    fps = args.fps or config.fps
+    height, width, frames, fps = resolve_video_options(args, bundle.config)
     from .sampling import ddim_timesteps
 
     steps = len(ddim_timesteps(args.steps, bundle.schedule.num_timesteps))
@@ -221,9 +222,6 @@ def cmd_generate(args) -> int:
     ckpt = _checkpoint_path(args.ckpt)
     out = _mp4_path(args.out)
     _check_sampling(args)
-    if args.height is not None or args.width is not None:
-        if args.height is not None and args.height <= 0 or args.width is not None and args.width <= 0:
-            raise UsageError("--height and --width must be positive.")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     image = load_image(args.image) if args.image else None
@@ -238,7 +236,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"'{ckpt.name}' is {config.name}, an image-to-video model: pass --image.")
     if not config.is_i2v and image is not None:
         raise UsageError(f"'{ckpt.name}' is {config.name}, a text-to-video model: it takes no --image.")
-    _check_size(config, args.height or config.height, args.width or config.width)
+    resolve_video_options(args, config)  # refuse bad sizes before building anything
     _say(f"model: {config.name}; building on {device} in {str(dtype).removeprefix('torch.')}")
     bundle = build(state_dict, config, dtype=dtype, device=device)
     del state_dict
@@ -255,8 +253,7 @@ def cmd_demo(args) -> int:
     _mp4_path(args.out)
     _check_sampling(args)
     config = tiny_config()
-    if args.height is not None or args.width is not None:
-        _check_size(config, args.height or config.height, args.width or config.width)
+    resolve_video_options(args, config)
     _say("DEMO: this model has RANDOM weights, so the video is noise. It shows that the whole pipeline "
          "(text encoding, DDIM sampling, VAE decoding, mp4 writing) runs on this machine; use "
          "`python -m vc_model generate --ckpt <model.ckpt> \"a prompt\"` with a real checkpoint for real videos.")
@@ -414,10 +411,7 @@ def main(argv=None) -> int:
         return args.func(args)
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, FileExistsError) as error:
-        _say(f"error: {error}")
-        return 2
-    except ValueError as error:  # the pipeline's own input checks
+    except (ValueError, FileExistsError) as error:  # UsageError, CheckpointError, the pipeline's own checks
         _say(f"error: {error}")
         return 2
     except torch.cuda.OutOfMemoryError:
