@@ -166,6 +166,7 @@ def _image_encoder(state_dict, config: ModelConfig) -> VideoCrafterImageEncoder:
     cfg = config.image_encoder
     load_device = mm.text_encoder_device()
     dtype = mm.text_encoder_dtype(load_device)
+    dtype = mm.unet_manual_cast(dtype, load_device, SUPPORTED_DTYPES) or dtype  # our tower computes in its weight dtype
     with torch.device("meta"):
         tower = ImageEncoder(cfg).clip
     tower.load_state_dict(_tensors(state_dict, COMPONENT_PREFIXES["image_clip"], dtype, mm.text_encoder_offload_device()),
