@@ -8,7 +8,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 import node_helpers
 
-from .logic import empty_latent, frames_problem, size_problem
+from .logic import conditioning_problem, empty_latent
 from .model import FPS_KEY, IMAGE_KEY, VideoCrafterModel
 
 NATIVE_FALLBACK = (512, 320)  # native size of three of the four releases
@@ -47,7 +47,7 @@ def video_conditioning(positive, negative, width, height, frames, fps, batch_siz
             raise ValueError(f"{release.name} is text-to-video, but the positive conditioning carries an image "
                              "from VideoCrafter Image Encode.")
     width, height = width or NATIVE_FALLBACK[0], height or NATIVE_FALLBACK[1]
-    problem = size_problem(width, height) or frames_problem(frames)
+    problem = conditioning_problem(width, height, frames, fps, batch_size)
     if problem:
         raise ValueError(problem)
     if fps:

@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..vc_model.checkpoint import CheckpointError
 from . import conditioning, loader, sampler, vae_io
 from .ckpt_check import inspect_checkpoint
-from .logic import MAX_FRAMES, MAX_SIZE, SIZE_MULTIPLE, frames_problem, size_problem
+from .logic import MAX_BATCH, MAX_FPS, MAX_FRAMES, MAX_SIZE, SIZE_MULTIPLE, conditioning_problem
 
 CATEGORY = "VideoCrafter"
 ImageEncoder = io.Custom("VIDEOCRAFTER_IMAGE_ENCODER")
@@ -39,8 +39,10 @@ class VideoCrafterCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ckpt_name, weight_dtype):
-        if weight_dtype not in loader.WEIGHT_DTYPES:
+        if weight_dtype is not None and weight_dtype not in loader.WEIGHT_DTYPES:
             return f"weight_dtype must be one of {', '.join(loader.WEIGHT_DTYPES)}."
+        if ckpt_name is None:  # linked from another node: checked when loading
+            return True
         try:
             inspect_checkpoint(loader.checkpoint_path(ckpt_name))
         except (CheckpointError, FileNotFoundError) as error:
@@ -95,10 +97,10 @@ class VideoCrafterConditioning(io.ComfyNode):
                                      "(576 for VideoCrafter1 T2V 1024, else 320)."),
                 io.Int.Input("frames", default=16, min=1, max=MAX_FRAMES,
                              tooltip="Frames per video; the models were trained on 16."),
-                io.Int.Input("fps", default=0, min=0, max=120,
+                io.Int.Input("fps", default=0, min=0, max=MAX_FPS,
                              tooltip="Conditioning fps (motion speed, not the saved video's frame rate). 0: the "
                                      "release's official value (28 for text-to-video, 8 for image-to-video)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos generated at once."),
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="Videos generated at once."),
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: the VideoCrafter MODEL, to resolve the 0 (native) values from "
                                        "its release; without it 0 means 512x320."),
@@ -112,14 +114,7 @@ class VideoCrafterConditioning(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, width, height, frames, fps, batch_size):
-        problem = size_problem(width or SIZE_MULTIPLE, height or SIZE_MULTIPLE) or frames_problem(frames)
-        if problem:
-            return problem
-        if not 0 <= fps <= 120:
-            return f"fps must be from 0 (release default) to 120, got {fps}."
-        if not 1 <= batch_size <= 64:
-            return f"batch_size must be from 1 to 64, got {batch_size}."
-        return True
+        return conditioning_problem(width, height, frames, fps, batch_size) or True
 
     @classmethod
     def execute(cls, positive, negative, width, height, frames, fps, batch_size, model=None) -> io.NodeOutput:

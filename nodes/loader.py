@@ -7,7 +7,6 @@ ModelPatcher. Tensors are read once from the file, straight into the target dtyp
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from ..vc_model.image_encoder import ImageEncoder
 from ..vc_model.schedule import Schedule, schedule_buffer_shapes
 from .ckpt_check import inspect_checkpoint
 from .diffusion import VideoCrafterUNet
-from .logic import images_to_model, grey_images
+from .logic import clip_text_config, grey_images, images_to_model, vae_config
 from .model import VideoCrafterLatent, VideoCrafterModel, VideoCrafterModelConfig
 
 FOLDER = "videocrafter"
@@ -140,11 +139,7 @@ def _clip(state_dict, cfg: TextEncoderConfig) -> comfy.sd.CLIP:
     prefix = COMPONENT_PREFIXES["text_encoder"]
     weights = {"clip_h." + k: v for k, v in _tensors(state_dict, prefix, None, "cpu").items()}
     weights = comfy.utils.clip_text_transformers_convert(weights, "clip_h.", "clip_h.transformer.")
-    sizes = {  # the core SD2 CLIP-H config, resized to this checkpoint's tower (same for the releases)
-        "hidden_size": cfg.width, "intermediate_size": int(round(cfg.width * cfg.mlp_ratio)),
-        "num_attention_heads": cfg.heads, "num_hidden_layers": cfg.layers,
-        "max_position_embeddings": cfg.context_length, "vocab_size": cfg.vocab_size, "projection_dim": cfg.embed_dim,
-    }
+    sizes = clip_text_config(cfg)  # the core SD2 CLIP-H config, sized to this checkpoint's tower
     target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
     params = sum(t.numel() for t in weights.values())
     return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
@@ -153,12 +148,7 @@ def _clip(state_dict, cfg: TextEncoderConfig) -> comfy.sd.CLIP:
 
 def _vae(state_dict, cfg: VAEConfig) -> comfy.sd.VAE:
     weights = _tensors(state_dict, COMPONENT_PREFIXES["vae"], None, "cpu")
-    config = None  # the released VAE is the SD one; ComfyUI's own detection then tunes memory use
-    if dataclasses.replace(cfg, scale_factor=VAEConfig().scale_factor) != VAEConfig():
-        config = {"params": {"embed_dim": cfg.embed_dim, "ddconfig": {
-            "double_z": cfg.double_z, "z_channels": cfg.z_channels, "resolution": cfg.resolution,
-            "in_channels": cfg.in_channels, "out_ch": cfg.out_ch, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult),
-            "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions), "dropout": 0.0}}}
+    config = vae_config(cfg, VAEConfig())
     return comfy.sd.VAE(sd=weights, config=config)
 
 

@@ -11,6 +11,8 @@ from einops import rearrange
 SIZE_MULTIPLE = 64  # pixels: the released U-Nets downsample the 8x VAE latent three times
 MAX_SIZE = 4096
 MAX_FRAMES = 256
+MAX_FPS = 120
+MAX_BATCH = 64
 LATENT_CHANNELS = 4
 
 
@@ -29,6 +31,24 @@ def size_problem(width: int, height: int) -> str | None:
 def frames_problem(frames: int) -> str | None:
     if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_FRAMES:
         return f"frames must be a whole number from 1 to {MAX_FRAMES} (the models were trained on 16), got {frames!r}."
+    return None
+
+
+def conditioning_problem(width, height, frames, fps, batch_size) -> str | None:
+    """Checks of VideoCrafter Conditioning's numbers; width/height/fps 0 mean "the release's value".
+
+    None values (inputs linked from other nodes, unknown at validation) are skipped.
+    """
+    if width is not None and height is not None:
+        problem = size_problem(width or SIZE_MULTIPLE, height or SIZE_MULTIPLE)
+        if problem:
+            return problem
+    if frames is not None and frames_problem(frames):
+        return frames_problem(frames)
+    if fps is not None and (not isinstance(fps, int) or not 0 <= fps <= MAX_FPS):
+        return f"fps must be from 0 (the release's value) to {MAX_FPS}, got {fps!r}."
+    if batch_size is not None and (not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH):
+        return f"batch_size must be from 1 to {MAX_BATCH}, got {batch_size!r}."
     return None
 
 
@@ -97,3 +117,28 @@ def images_to_model(images: torch.Tensor) -> torch.Tensor:
 def grey_images(batch: int, size: int, device=None) -> torch.Tensor:
     """The official unconditional I2V image: zeros in [-1,1] (mid-grey), [batch,3,size,size]."""
     return torch.zeros(batch, 3, size, size, device=device)
+
+
+def clip_text_config(cfg) -> dict:
+    """Overrides of ComfyUI's SD2 CLIP-H text config (`sd2_clip_config.json`) for a TextEncoderConfig.
+
+    For the released towers these are the file's own values; the tiny test models get smaller ones.
+    """
+    return {
+        "hidden_size": cfg.width, "intermediate_size": int(round(cfg.width * cfg.mlp_ratio)),
+        "num_attention_heads": cfg.heads, "num_hidden_layers": cfg.layers,
+        "max_position_embeddings": cfg.context_length, "vocab_size": cfg.vocab_size, "projection_dim": cfg.embed_dim,
+    }
+
+
+def vae_config(cfg, standard) -> dict | None:
+    """`comfy.sd.VAE(config=...)` for a VAEConfig; None for the standard SD VAE (ComfyUI detects it
+    itself and then uses its tuned memory estimates)."""
+    import dataclasses
+
+    if dataclasses.replace(cfg, scale_factor=standard.scale_factor) == standard:
+        return None
+    return {"params": {"embed_dim": cfg.embed_dim, "ddconfig": {
+        "double_z": cfg.double_z, "z_channels": cfg.z_channels, "resolution": cfg.resolution,
+        "in_channels": cfg.in_channels, "out_ch": cfg.out_ch, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult),
+        "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions), "dropout": 0.0}}}

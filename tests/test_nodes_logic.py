@@ -198,16 +198,60 @@ def test_screening_reads_headers_only(files, monkeypatch):
     assert opened and all("." not in key for key in opened)  # only the schedule buffers
 
 
-@pytest.mark.parametrize("manifest,release", [
-    ("t2v_512_v1.0", "vc1_t2v_512"), ("t2v_1024_v1.0", "vc1_t2v_1024"),
-    ("t2v_512_v2.0", "vc2_t2v_512"), ("i2v_512_v1.0", "vc1_i2v_512"),
-])
-def test_released_layouts_pass_screening_as_their_release(manifest, release):
-    """The four official checkpoints' key/shape manifests are accepted and named (no weights needed)."""
+RELEASE_MANIFESTS = [("t2v_512_v1.0", "vc1_t2v_512"), ("t2v_1024_v1.0", "vc1_t2v_1024"),
+                     ("t2v_512_v2.0", "vc2_t2v_512"), ("i2v_512_v1.0", "vc1_i2v_512")]
+
+
+def manifest_state_dict(manifest: str) -> dict:
     import json
 
     entries = json.loads((ROOT / "tests" / "fixtures" / "manifests" / f"{manifest}.json").read_text())
-    state_dict = {key: torch.empty(shape, device="meta") for key, (shape, _dtype) in entries.items()}
-    config = check.screen("model.ckpt", state_dict)
+    return {key: torch.empty(shape, device="meta") for key, (shape, _dtype) in entries.items()}
+
+
+@pytest.mark.parametrize("manifest,release", RELEASE_MANIFESTS)
+def test_released_layouts_pass_screening_as_their_release(manifest, release):
+    """The four official checkpoints' key/shape manifests are accepted and named (no weights needed)."""
+    config = check.screen("model.ckpt", manifest_state_dict(manifest))
     want = config_mod.RELEASES[release]
     assert config.name == want.name and (config.width, config.height, config.fps) == (want.width, want.height, want.fps)
+
+
+@pytest.mark.parametrize("manifest,release", RELEASE_MANIFESTS)
+def test_loader_modules_take_the_released_weights(manifest, release):
+    """What the loader builds (on meta here) has exactly the released keys and shapes, and the core
+    CLIP/VAE get the stock SD2 CLIP-H config and SD VAE detection."""
+    diffusion = pack_module("nodes.diffusion")
+    image_encoder = pack_module("vc_model.image_encoder")
+    state_dict = manifest_state_dict(manifest)
+    config = check.screen("model.ckpt", state_dict)
+    resampler = config.image_encoder.resampler if config.image_encoder is not None else None
+    with torch.device("meta"):
+        unet = diffusion.VideoCrafterUNet(config.unet, resampler)
+        tower = image_encoder.ImageEncoder(config.image_encoder).clip if config.image_encoder is not None else None
+    ours = {("" if k.startswith("image_proj_model.") else "model.diffusion_model.") + k: tuple(v.shape)
+            for k, v in unet.state_dict().items()}
+    if tower is not None:
+        ours.update({"embedder.model.visual." + k: tuple(v.shape) for k, v in tower.state_dict().items()})
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()
+              if k.startswith(("model.diffusion_model.", "image_proj_model.", "embedder.model.visual."))}
+    assert ours == theirs
+    assert logic.clip_text_config(config.text_encoder) == {  # ComfyUI's sd2_clip_config.json
+        "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+        "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 1024}
+    assert logic.vae_config(config.vae, config_mod.VAEConfig()) is None
+
+
+def test_tiny_models_get_sized_core_configs():
+    tiny = config_mod.tiny_config()
+    assert logic.clip_text_config(tiny.text_encoder)["hidden_size"] == 64
+    assert logic.vae_config(tiny.vae, config_mod.VAEConfig())["params"]["ddconfig"]["ch_mult"] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("values,words", [
+    ((0, 0, 16, 0, 1), None), ((None, 320, None, None, None), None), ((512, 320, 0, 8, 1), "frames"),
+    ((512, 320, 16, -1, 1), "fps must be"), ((512, 320, 16, 8, 0), "batch_size"), ((520, 320, 16, 8, 1), "width 520"),
+])
+def test_conditioning_numbers(values, words):
+    message = logic.conditioning_problem(*values)
+    assert (message is None) if words is None else (words in message)

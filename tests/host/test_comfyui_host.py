@@ -376,10 +376,14 @@ def test_core_ksampler_refuses_i2v_conditioning_on_t2v_model(server):
     assert "text-to-video" in error_message(entry), error_message(entry)
 
 
-def test_interrupt_stops_sampling_and_next_prompt_runs(server):
-    warm = save_latent({**text_graph("tiny_vc2.safetensors"), "5": ksampler_node("euler", "normal", steps=1)}, "warm")
-    server.run_ok(warm)  # loader and text encodes are cached for the long prompt below
-    long = save_latent({**text_graph("tiny_vc2.safetensors"), "5": ksampler_node("euler", "normal", steps=2000)}, "long")
+@pytest.mark.parametrize("node", ["KSampler", "VideoCrafterSampler"])
+def test_interrupt_stops_sampling_and_next_prompt_runs(server, node):
+    def graph(steps):
+        sampler = ksampler_node("euler", "normal", steps=steps) if node == "KSampler" else sampler_node(steps=steps)
+        return save_latent({**text_graph("tiny_vc2.safetensors"), "5": sampler}, "interrupt")
+
+    server.run_ok(graph(1))  # loader and text encodes are cached for the long prompt below
+    long = graph(1000)
     status, reply = server.queue(long)
     assert status == 200, reply
     deadline = time.monotonic() + 60
@@ -395,5 +399,5 @@ def test_interrupt_stops_sampling_and_next_prompt_runs(server):
     assert time.monotonic() - started < 30
     kinds = {kind: data for kind, data in entry["status"]["messages"]}
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds
-    assert kinds["execution_interrupted"]["node_type"] == "KSampler"
+    assert kinds["execution_interrupted"]["node_type"] == node
     server.run_ok(save_latent({**text_graph("tiny_vc2.safetensors"), "5": sampler_node(seed=1, steps=2)}, "after"))
