@@ -73,6 +73,15 @@ def latent_problem(samples) -> str | None:
     return None
 
 
+def latent_size_problem(samples: torch.Tensor, multiple: int) -> str | None:
+    """None when the latent's height and width divide by `multiple` (the U-Net's total downsampling)."""
+    h, w = samples.shape[-2:]
+    if h % multiple or w % multiple:
+        return (f"This latent is {w * 8}x{h * 8} pixels; the VideoCrafter U-Net needs width and height that are "
+                f"multiples of {multiple * 8} (resize the frames, or use VideoCrafter Conditioning).")
+    return None
+
+
 def latent_to_frames(samples: torch.Tensor) -> torch.Tensor:
     """[B,4,T,h,w] -> [B*T,4,h,w], batch-major (all frames of video 0 first)."""
     return rearrange(samples, "b c t h w -> (b t) c h w")

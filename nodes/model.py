@@ -17,7 +17,7 @@ from ..vc_model.config import ModelConfig
 from ..vc_model.schedule import Schedule
 from . import sigmas as vs
 from .diffusion import VideoCrafterUNet
-from .logic import latent_problem
+from .logic import latent_problem, latent_size_problem
 
 # Conditioning keys our nodes set (namespaced so other models' conditionings never collide).
 FPS_KEY = "videocrafter_fps"
@@ -99,12 +99,17 @@ class VideoCrafterModel(comfy.model_base.BaseModel):
         self.release = model_config.release
 
     @property
+    def size_multiple(self) -> int:
+        """Latent height/width must divide by this (2 per U-Net downsampling)."""
+        return 2 ** (len(self.release.unet.channel_mult) - 1)
+
+    @property
     def is_i2v(self) -> bool:
         return self.diffusion_model.image_proj_model is not None
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
-        problem = latent_problem(kwargs.get("noise"))
+        problem = latent_problem(kwargs.get("noise")) or latent_size_problem(kwargs["noise"], self.size_multiple)
         if problem:
             raise ValueError(problem)
         device = kwargs["device"]

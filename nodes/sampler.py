@@ -13,7 +13,7 @@ import latent_preview
 from ..vc_model.sampling import ddim_timesteps
 from . import sigmas as vs
 from .conditioning import has_image, videocrafter_model
-from .logic import latent_problem
+from .logic import latent_problem, latent_size_problem
 
 
 def ddim_sampler(eta: float) -> comfy.samplers.KSAMPLER:
@@ -31,7 +31,7 @@ def official_sigmas(model, steps: int):
 def sample(model, positive, negative, latent, seed: int, steps: int, cfg: float, eta: float):
     """The official VideoCrafter DDIM: returns a LATENT like the official sampler's final x."""
     inner = videocrafter_model(model)
-    problem = latent_problem(latent["samples"])
+    problem = latent_problem(latent["samples"]) or latent_size_problem(latent["samples"], inner.size_multiple)
     if problem:
         raise ValueError(problem)
     if has_image(positive) != inner.is_i2v:

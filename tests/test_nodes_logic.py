@@ -72,6 +72,11 @@ def test_wrong_latents_are_named(shape, words):
     assert words in logic.latent_problem(torch.zeros(shape))
 
 
+def test_latent_size_must_fit_the_unet():
+    assert logic.latent_size_problem(torch.zeros(1, 4, 16, 40, 64), 8) is None
+    assert "96x96 pixels" in logic.latent_size_problem(torch.zeros(1, 4, 16, 12, 12), 8)
+
+
 def test_time_folds_into_batch_video_major():
     samples = torch.arange(2 * 4 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 4, 3, 2, 2)
     frames = logic.latent_to_frames(samples)

@@ -39,8 +39,7 @@ RUN_TIMEOUT = 240
 WIDTH, HEIGHT, FRAMES = 128, 64, 4  # tiny models: latent 4 x 8 x 16
 PROMPT = "a corgi running on the beach"
 
-sys.path.insert(0, str(ROOT))  # the test process imports vc_model for the references
-import vc_model  # noqa: E402
+import vc_model  # noqa: E402  (run from the repository root: python -m pytest)
 from vc_model.config import tiny_config  # noqa: E402
 
 CONFIGS = {"tiny_vc2.safetensors": tiny_config(), "tiny_vc1.safetensors": tiny_config(v1=True),
@@ -401,3 +400,17 @@ def test_interrupt_stops_sampling_and_next_prompt_runs(server, node):
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds
     assert kinds["execution_interrupted"]["node_type"] == node
     server.run_ok(save_latent({**text_graph("tiny_vc2.safetensors"), "5": sampler_node(seed=1, steps=2)}, "after"))
+
+
+def test_core_ksampler_refuses_a_latent_the_unet_cannot_take(server):
+    graph = text_graph("tiny_vc2.safetensors")
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "start.png"}}
+    graph["11"] = {"class_type": "ImageScale", "inputs": {"image": ["10", 0], "upscale_method": "bilinear", "width": 136,
+                                                          "height": HEIGHT, "crop": "disabled"}}
+    graph["12"] = {"class_type": "VideoCrafterEncode", "inputs": {"pixels": ["11", 0], "vae": ["1", 2], "frames": 0,
+                                                                  "frames_per_chunk": 4}}
+    graph["5"] = ksampler_node("euler", "normal", steps=1)
+    graph["5"]["inputs"]["latent_image"] = ["12", 0]
+    entry = server.run(save_latent(graph, "size"))
+    assert entry["status"]["status_str"] == "error"
+    assert "needs width and height that are multiples of 32" in error_message(entry), error_message(entry)
