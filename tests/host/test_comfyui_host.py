@@ -4,38 +4,25 @@ One server is started on 127.0.0.1 (a free port, `--cpu`) with a temporary `--ba
 the pack (a symlink to this repository), tiny random checkpoints in the official key layout, and an
 input image. API-format graphs are queued with POST /prompt and their /history results checked.
 `COMFYUI_PYTHON` names the interpreter with ComfyUI's requirements (default: the one running pytest).
-Every wait is bounded.
+Every wait is bounded. The server itself comes from `harness.py`.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from harness import require_comfyui  # tests/host/harness.py (pytest puts tests/host on sys.path)
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-if not COMFYUI_PATH:
-    pytest.skip("COMFYUI_PATH is not set: the ComfyUI host tests need a ComfyUI v0.8.0 checkout "
-                "(COMFYUI_PATH=/path/to/ComfyUI, optionally COMFYUI_PYTHON=its python)", allow_module_level=True)
+require_comfyui()
 
 import torch  # noqa: E402
+from harness import Server, comfy_server, error_message, mp4_info, prepare_base, write_image  # noqa: E402,F401
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 NODE_IDS = ["VideoCrafterCheckpointLoader", "VideoCrafterImageEncode", "VideoCrafterConditioning",
             "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode", "VideoCrafterEncode"]
-START_TIMEOUT = 180
-RUN_TIMEOUT = 240
 WIDTH, HEIGHT, FRAMES = 128, 64, 4  # tiny models: latent 4 x 8 x 16
 PROMPT = "a corgi running on the beach"
 
@@ -49,75 +36,9 @@ CONFIGS = {"tiny_vc2.safetensors": tiny_config(), "tiny_vc1.safetensors": tiny_c
 # ---- server ------------------------------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, base: Path, port: int, process: subprocess.Popen, log: Path):
-        self.base, self.port, self.process, self.log = base, port, process, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def request(self, path: str, body=None, timeout: float = 30):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as reply:
-                text = reply.read()
-                return reply.status, (json.loads(text) if text else None)
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
-
-    def queue(self, graph: dict):
-        """POST /prompt -> (status, reply)."""
-        return self.request("/prompt", {"prompt": graph, "client_id": "vc-host-tests"})
-
-    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"ComfyUI exited ({self.process.returncode}):\n{self.log_tail()}")
-            _, history = self.request(f"/history/{prompt_id}")
-            if history and prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"]["status_str"] in ("success", "error"):
-                    return entry
-            time.sleep(0.25)
-        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
-
-    def run(self, graph: dict, timeout: float = RUN_TIMEOUT) -> dict:
-        status, reply = self.queue(graph)
-        assert status == 200 and not reply.get("node_errors"), f"rejected ({status}): {reply}"
-        return self.wait(reply["prompt_id"], timeout)
-
-    def run_ok(self, graph: dict) -> dict:
-        entry = self.run(graph)
-        assert entry["status"]["status_str"] == "success", f"{error_message(entry)}\n{self.log_tail()}"
-        return entry["outputs"]
-
-    def output_file(self, item: dict) -> Path:
-        return self.base / "output" / item.get("subfolder", "") / item["filename"]
-
-
-def error_message(entry: dict) -> str:
-    for kind, data in entry["status"]["messages"]:
-        if kind == "execution_error":
-            return f"{data['node_type']}: {data['exception_message']}"
-    return json.dumps(entry["status"])[:2000]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_inputs(base: Path) -> None:
-    for folder in ("models/videocrafter", "models/checkpoints", "custom_nodes", "input", "output"):
-        (base / folder).mkdir(parents=True, exist_ok=True)
-    os.symlink(ROOT, base / "custom_nodes" / "comfyui-videocrafter")
-    for name, config in CONFIGS.items():
-        sd = vc_model.random_state_dict(config, seed=7)
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(base / "models" / "videocrafter" / name))
+    """A partial and a foreign checkpoint in models/checkpoints/ and input/start.png (tiny models: harness)."""
+    prepare_base(base)
     full = vc_model.random_state_dict(CONFIGS["tiny_vc2.safetensors"], seed=7)
     unet_only = {k: v.contiguous() for k, v in full.items() if k.startswith("model.diffusion_model.")}
     save_file(unet_only, str(base / "models" / "checkpoints" / "unet_only.safetensors"))
@@ -125,50 +46,15 @@ def _write_inputs(base: Path) -> None:
                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 768),
                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 768)}
     save_file(foreign, str(base / "models" / "checkpoints" / "sd15_like.safetensors"))
-    ys, xs = torch.meshgrid(torch.linspace(0, 1, 72), torch.linspace(0, 1, 120), indexing="ij")
-    rgb = torch.stack([xs, ys, 1 - xs * ys], dim=-1)
-    from PIL import Image
-
-    Image.fromarray((rgb * 255).round().to(torch.uint8).numpy()).save(base / "input" / "start.png")
+    write_image(base / "input" / "start.png", width=120, height=72)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     _write_inputs(base)
-    port = _free_port()
-    log = base / "server.log"
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add overhead, more so on a busy machine
-    command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-               str(base), "--fp32-text-enc", "--preview-method", "latent2rgb", "--disable-auto-launch"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-    srv = Server(base, port, process, log)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"ComfyUI exited while starting ({process.returncode}):\n{srv.log_tail()}")
-            try:
-                if srv.request("/system_stats", timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"ComfyUI did not answer within {START_TIMEOUT} s:\n{srv.log_tail()}")
-            time.sleep(0.5)
+    with comfy_server(base, CONFIGS) as srv:
         yield srv
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=20)
-        shutil.rmtree(base / "custom_nodes", ignore_errors=True)
 
 
 # ---- graphs --------------------------------------------------------------------------------------------
