@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 from torch import nn
 
 from .config import VAEConfig
@@ -21,7 +21,9 @@ class GroupNorm(nn.GroupNorm):
     """GroupNorm(32, eps 1e-6), optionally followed by swish. [N, C, H, W] -> same.
 
     PyTorch's CPU and CUDA kernels accumulate float16/bfloat16 statistics in float32 (measured:
-    identical to upcasting), so half inputs run natively there; other backends upcast.
+    identical to upcasting), so half inputs run natively there; other backends upcast. The CPU
+    channels-last kernel takes the variance as E[x^2] - E[x]^2, which cancels badly when a group's
+    mean is large against its spread: there, such groups are centred first.
     """
 
     def __init__(self, channels: int, act: bool = False):
@@ -29,12 +31,25 @@ class GroupNorm(nn.GroupNorm):
         self.act = act
 
     def forward(self, x):
+        if x.device.type == "cpu" and not x.is_contiguous():
+            x = self._centre(x)
         if x.dtype in (torch.float16, torch.bfloat16) and x.device.type not in ("cpu", "cuda"):
             w, b = self.weight.float(), self.bias.float()
             h = F.group_norm(x.float(), self.num_groups, w, b, self.eps)
             return (F.silu(h, inplace=True) if self.act else h).to(x.dtype)
         h = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(h, inplace=True) if self.act else h
+
+    def _centre(self, x):
+        """x [N, C, H, W] minus an estimate of each group's mean (every 8th row and column; the
+        norm is shift-invariant), when some group's mean is large against its spread."""
+        sample = rearrange(x[:, :, ::8, ::8].float(), "n (g c) h w -> n g (c h w)", g=self.num_groups)
+        var, mean = torch.var_mean(sample, dim=2, correction=0)
+        limit = 64.0 if x.dtype in (torch.float16, torch.bfloat16) else 0.0  # error ~ eps32 * ratio
+        if bool((mean.square() <= limit * var + self.eps).all()):
+            return x
+        shift = repeat(mean, "n g -> n (g c) 1 1", c=x.shape[1] // self.num_groups)
+        return x - shift.to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -75,7 +90,9 @@ class AttnBlock(nn.Module):
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
         q, k, v = rearrange(F.linear(tokens, weight, bias), "n l (qkv c) -> qkv n 1 l c", qkv=3)
         out = F.scaled_dot_product_attention(q, k, v)  # scale c^-0.5
-        out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)
+        out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)  # channels-last strides
+        if x.is_contiguous():  # keep NCHW (oneDNN's NHWC float32 convs round differently)
+            out = out.contiguous()
         return self.proj_out(out).add_(x)
 
 
@@ -259,10 +276,12 @@ class VideoVAE(nn.Module):
         return max(1, CHUNK_PIXELS // (height * width))
 
     def _prepare(self, frames):
-        """Move to the weights' device and dtype. On CPU also channels_last: oneDNN runs
-        convolutions in NHWC and would otherwise reorder around every conv (2x slower in bf16)."""
+        """Move to the weights' device and dtype. On CPU in half precision also channels_last:
+        oneDNN would otherwise reorder around every conv (2x slower in bf16); in float32 it makes
+        no difference there, and NCHW keeps the exact GroupNorm kernel."""
         device = self.quant_conv.weight.device
-        fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        fmt = torch.channels_last if device.type == "cpu" and half else torch.contiguous_format
         return frames.to(device=device, dtype=self.dtype, memory_format=fmt)
 
     def posterior(self, frames):
