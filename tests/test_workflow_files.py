@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "workflows"
-EXAMPLES = ROOT / "example_workflows"
+UI_DIR = ROOT / "workflows" / "ui"
+API_DIR = ROOT / "workflows" / "api"
+EXAMPLES = ROOT / "example_workflows"  # the template browser's folder: the UI graphs again
+# ComfyUI lists every *.json directly inside these folders of a pack as a template (only example_workflows
+# is kept as such): keeping the rest in subfolders lists each workflow once and no API graph.
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 
 # kind -> (checkpoint, width, height, conditioning fps, I2V)
 KINDS = {
@@ -52,11 +56,11 @@ def load(path: Path) -> dict:
 
 
 def ui_path(kind: str) -> Path:
-    return WORKFLOWS / f"{kind}.json"
+    return UI_DIR / f"{kind}.json"
 
 
 def api_path(kind: str) -> Path:
-    return WORKFLOWS / f"{kind}_api.json"
+    return API_DIR / f"{kind}.json"
 
 
 def widget_values(node: dict, names: list[str]) -> dict:
@@ -89,7 +93,7 @@ def strip_meta(api: dict) -> dict:
 
 
 def all_json_files() -> list[Path]:
-    return sorted(WORKFLOWS.glob("*.json")) + sorted(EXAMPLES.glob("*.json"))
+    return sorted((ROOT / "workflows").rglob("*.json")) + sorted(EXAMPLES.glob("*.json"))
 
 
 # ---- files ---------------------------------------------------------------------------------------------
@@ -103,8 +107,11 @@ def test_every_json_file_parses():
 
 
 def test_each_kind_has_ui_api_and_template_copy():
-    assert {p.name for p in WORKFLOWS.glob("*.json")} == {f"{k}{s}.json" for k in KINDS for s in ("", "_api")}
-    assert {p.name for p in EXAMPLES.glob("*.json")} == {f"{k}.json" for k in KINDS}
+    names = {f"{kind}.json" for kind in KINDS}
+    for folder in (UI_DIR, API_DIR, EXAMPLES):
+        assert {p.name for p in folder.glob("*.json")} == names, folder
+    for folder in TEMPLATE_FOLDERS[1:]:
+        assert not list((ROOT / folder).glob("*.json")), f"{folder}/*.json would be listed as templates too"
     for kind in KINDS:
         assert load(EXAMPLES / f"{kind}.json") == load(ui_path(kind)), f"example_workflows/{kind}.json differs"
 
