@@ -185,8 +185,13 @@ def _validate(module: nn.Module, names: dict[str, str], present: list[str], stat
 
 
 def _assign(module: nn.Module, names: dict[str, str], state_dict, dtype, device) -> None:
-    """Copy (or cast) each tensor once, straight into `dtype` on `device`, and hand it to the module."""
+    """Copy (or cast) each tensor once, straight into `dtype` on `device`, and hand it to the module.
+
+    When the source is a memory-mapped file (`lazy_state_dict`), a tensor's file pages are given
+    back as soon as it has been copied, so peak memory is the built weights plus one tensor. A
+    tensor that needs no copy (same dtype, CPU) stays a view of the file and is paged in on use."""
     on_meta = str(device) == "meta"
+    release = getattr(state_dict, "release", None)
     tensors = {}
     for key, full in names.items():
         tensor = state_dict[full]
@@ -195,6 +200,9 @@ def _assign(module: nn.Module, names: dict[str, str], state_dict, dtype, device)
             tensors[key] = torch.empty(tensor.shape, dtype=target, device="meta" if on_meta else device)
         else:
             tensors[key] = tensor.to(device=device, dtype=target)
+            if release is not None and tensors[key].data_ptr() != tensor.data_ptr():
+                del tensor
+                release(full)
     module.load_state_dict(tensors, strict=True, assign=True)
 
 

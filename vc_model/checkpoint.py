@@ -7,8 +7,11 @@ was expected and what to do.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import pickle
+import sys
 import zipfile
 from collections.abc import Iterator, Mapping
 
@@ -88,18 +91,88 @@ def lazy_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     """Like `load_state_dict`, but safetensors tensors are read only when accessed.
 
     Pickled checkpoints are memory-mapped where their format allows, so their tensors are also
-    paged in on access. Building from this mapping keeps about one copy of the weights in memory.
+    paged in on access. Building from this mapping keeps about one copy of the weights in memory:
+    the mapping has a `release(key)` method that `build` calls once a tensor has been copied into
+    another dtype or device, handing its file pages back (see `FilePages`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"No checkpoint file at '{path}': check the path and that the download finished.")
     if path.lower().endswith(SAFETENSORS_EXTENSIONS):
         return LazySafetensors(path)
-    return _unwrap(_load_pickle(path, "cpu"), path)
+    return MappedStateDict(_unwrap(_load_pickle(path, "cpu"), path), FilePages(path))
+
+
+class FilePages:
+    """This process's read-only mappings of one file, and a way to give their resident pages back.
+
+    A memory-mapped checkpoint's pages count in the process's RSS once read. When a tensor has been
+    copied (cast to another dtype, or moved to a GPU) the pages it was read from are dropped with
+    `madvise(MADV_DONTNEED)`, so loading into bf16 does not also keep the float32 file resident.
+    Only pages wholly inside the tensor that lie in a mapping of this very file (checked against
+    /proc/self/maps by inode) are touched: for a file mapping that was never written, a later read
+    simply faults the same bytes back in from the file. Elsewhere than Linux this does nothing.
+    """
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, path: str):
+        self.path = os.path.realpath(path)
+        self._ranges: list[tuple[int, int]] | None = None
+        self._madvise = None
+        if sys.platform.startswith("linux"):
+            try:
+                self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+                self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            except (OSError, AttributeError):  # pragma: no cover - every Linux libc has madvise
+                self._madvise = None
+
+    def _mapped(self) -> list[tuple[int, int]]:
+        """Address ranges where this file is mapped (read once: the mappings exist by now)."""
+        if self._ranges is None:
+            self._ranges = []
+            try:
+                inode = os.stat(self.path).st_ino
+                with open("/proc/self/maps") as f:
+                    for line in f:
+                        fields = line.split(maxsplit=5)
+                        if len(fields) == 6 and int(fields[4]) == inode and fields[5].rstrip("\n").startswith(self.path):
+                            start, end = (int(v, 16) for v in fields[0].split("-"))
+                            self._ranges.append((start, end))
+            except (OSError, ValueError):
+                self._ranges = []
+        return self._ranges
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the resident pages wholly inside `tensor`'s bytes, if they map this file."""
+        if self._madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page
+        if last <= first:
+            return
+        if any(lo <= first and last <= hi for lo, hi in self._mapped()):
+            self._madvise(first, last - first, self.MADV_DONTNEED)
+
+
+class MappedStateDict(dict):
+    """A pickled checkpoint's `{name: tensor}`; with `release(key)` when its tensors are memory-mapped."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], pages: FilePages):
+        super().__init__(tensors)
+        self._pages = pages
+
+    def release(self, key: str) -> None:
+        """Give back the file pages of tensor `key` (after it has been copied elsewhere)."""
+        self._pages.release(self[key])
 
 
 class LazySafetensors(Mapping):
-    """A read-only mapping over a safetensors file that loads each tensor on access."""
+    """A read-only mapping over a safetensors file that loads each tensor on access.
+
+    `release(key)` gives back the file pages tensor `key` was read from (see `FilePages`)."""
 
     def __init__(self, path: str):
         from safetensors import SafetensorError, safe_open
@@ -114,6 +187,11 @@ class LazySafetensors(Mapping):
                 "truncated or not a checkpoint: download or convert it again."
             ) from None
         self.metadata = self._file.metadata() or {}
+        self._pages = FilePages(path)
+
+    def release(self, key: str) -> None:
+        """Give back the file pages of tensor `key` (after it has been copied elsewhere)."""
+        self._pages.release(self[key])
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
