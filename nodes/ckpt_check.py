@@ -25,7 +25,7 @@ from ..vc_model.config import ModelConfig
 from ..vc_model.detect import detect_config
 
 PART_NAMES = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
-_cache: dict[tuple, ModelConfig | CheckpointError] = {}
+_cache: dict[tuple, ModelConfig | str] = {}  # refusals as their message
 
 
 def header_state_dict(path: str) -> Mapping[str, torch.Tensor]:
@@ -87,24 +87,29 @@ def _layout_problem(name: str, state_dict, config: ModelConfig) -> str | None:
 def inspect_checkpoint(path: str) -> ModelConfig:
     """The detected ModelConfig of a complete VideoCrafter checkpoint; CheckpointError otherwise.
 
-    Results are cached per (path, size, mtime), so validation and loading read the header once.
+    Results are cached per (path, size, mtime, ctime), so validation and loading read the header once.
+    A cached refusal is raised as a new exception each time: re-raising one stored exception would
+    chain every raise's traceback onto it, and a long session validating a bad file would leak.
     """
     stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _cache:
         _cache[key] = _inspect(path)
     result = _cache[key]
-    if isinstance(result, CheckpointError):
-        raise result
+    if isinstance(result, str):
+        raise CheckpointError(result)
     return result
 
 
-def _inspect(path: str) -> ModelConfig | CheckpointError:
+def _inspect(path: str) -> ModelConfig | str:
     name = os.path.basename(path)
     try:
         return screen(name, header_state_dict(path))
     except CheckpointError as error:
-        return error
+        return str(error)
+    except OSError as error:  # unreadable (permissions, I/O error): worth a sentence, not a traceback
+        return (f"'{name}' cannot be read ({error.strerror or error}); check that the file is complete and "
+                "readable by ComfyUI, or download it again.")
 
 
 def screen(name: str, state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 import node_helpers
 
-from .logic import conditioning_problem, empty_latent
+from .logic import conditioning_problem, empty_latent, image_batch_problem
 from .model import FPS_KEY, IMAGE_KEY, VideoCrafterModel
 
 NATIVE_FALLBACK = (512, 320)  # native size of three of the four releases
@@ -25,6 +25,11 @@ def videocrafter_model(model) -> VideoCrafterModel:
 
 def has_image(conditioning) -> bool:
     return any(IMAGE_KEY in entry[1] for entry in conditioning)
+
+
+def image_count(conditioning) -> int:
+    """How many start images the conditioning carries (the largest image batch of its entries; 0: none)."""
+    return max((entry[1][IMAGE_KEY].shape[0] for entry in conditioning if IMAGE_KEY in entry[1]), default=0)
 
 
 def attach_image(positive, negative, image_encoder, image):
@@ -48,6 +53,8 @@ def video_conditioning(positive, negative, width, height, frames, fps, batch_siz
                              "from VideoCrafter Image Encode.")
     width, height = width or NATIVE_FALLBACK[0], height or NATIVE_FALLBACK[1]
     problem = conditioning_problem(width, height, frames, fps, batch_size)
+    if not problem and has_image(positive):
+        problem = image_batch_problem(image_count(positive), batch_size)
     if problem:
         raise ValueError(problem)
     if fps:

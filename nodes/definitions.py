@@ -6,7 +6,8 @@ from comfy_api.latest import ComfyExtension, io
 from ..vc_model.checkpoint import CheckpointError
 from . import conditioning, loader, sampler, vae_io
 from .ckpt_check import inspect_checkpoint
-from .logic import MAX_BATCH, MAX_FPS, MAX_FRAMES, MAX_SIZE, SIZE_MULTIPLE, conditioning_problem
+from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
+                    eta_problem, sampler_problem)
 
 CATEGORY = "VideoCrafter"
 ImageEncoder = io.Custom("VIDEOCRAFTER_IMAGE_ENCODER")
@@ -65,10 +66,13 @@ class VideoCrafterImageEncode(io.ComfyNode):
             description="I2V: attaches the image's CLIP tokens to positive (squashed to 224x224, no crop, as "
                         "officially) and the official mid-grey image's tokens to negative.",
             inputs=[
-                io.Conditioning.Input("positive", tooltip="Text conditioning of the prompt."),
+                io.Conditioning.Input("positive", tooltip="Text conditioning of the prompt (CLIP Text Encode; long prompts "
+                                                         "and the empty prompt work, image tokens are kept apart)."),
                 io.Conditioning.Input("negative", tooltip="Text conditioning of the negative (officially the empty prompt)."),
                 ImageEncoder.Input("image_encoder", tooltip="IMAGE_ENCODER output of Load VideoCrafter Checkpoint (I2V model)."),
-                io.Image.Input("image", tooltip="The image to animate; a batch gives one image per video."),
+                io.Image.Input("image", tooltip="The image to animate, any size (squashed to 224x224); alpha is ignored, "
+                                             "greyscale is used as grey RGB. One image for every video, or a batch "
+                                             "with one image per video (as many as batch_size)."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
@@ -96,7 +100,8 @@ class VideoCrafterConditioning(io.ComfyNode):
                              tooltip="Video height in pixels, a multiple of 64. 0: the model's native height "
                                      "(576 for VideoCrafter1 T2V 1024, else 320)."),
                 io.Int.Input("frames", default=16, min=1, max=MAX_FRAMES,
-                             tooltip="Frames per video; the models were trained on 16."),
+                             tooltip="Frames per video, 1 to 256; the models were trained on 16, and more frames need "
+                                     "more memory."),
                 io.Int.Input("fps", default=0, min=0, max=MAX_FPS,
                              tooltip="Conditioning fps (motion speed, not the saved video's frame rate). 0: the "
                                      "release's official value (28 for text-to-video, 8 for image-to-video)."),
@@ -135,18 +140,23 @@ class VideoCrafterSampler(io.ComfyNode):
                 io.Model.Input("model", tooltip="MODEL from Load VideoCrafter Checkpoint."),
                 io.Conditioning.Input("positive", tooltip="Positive conditioning from VideoCrafter Conditioning."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning from VideoCrafter Conditioning."),
-                io.Latent.Input("latent_image", tooltip="Video latent from VideoCrafter Conditioning."),
+                io.Latent.Input("latent_image", tooltip="Video latent from VideoCrafter Conditioning (or Encode); image "
+                                                     "latents and other models' latents are refused."),
                 io.Int.Input("seed", default=123, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the starting noise and of the per-step noise (eta > 0)."),
-                io.Int.Input("steps", default=50, min=1, max=1000,
+                io.Int.Input("steps", default=50, min=1, max=MAX_STEPS,
                              tooltip="DDIM steps (official 50); timesteps 1, 1+1000//steps, ... as officially."),
-                io.Float.Input("cfg", default=12.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=12.0, min=0.0, max=MAX_CFG, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (official 12)."),
                 io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="DDIM stochasticity: 1 = official default, 0 = deterministic. Not the duration."),
             ],
             outputs=[io.Latent.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, steps, cfg, eta):
+        return sampler_problem(steps, cfg, eta) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, eta) -> io.NodeOutput:
@@ -168,6 +178,10 @@ class VideoCrafterDDIMSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, eta):
+        return eta_problem(eta) or True
+
+    @classmethod
     def execute(cls, eta) -> io.NodeOutput:
         return io.NodeOutput(sampler.ddim_sampler(eta))
 
@@ -182,10 +196,12 @@ class VideoCrafterDecode(io.ComfyNode):
             description="Decodes a video latent frame by frame into an IMAGE batch [batch*frames, H, W, 3] "
                         "(for Create Video / Save Video / Save Animated WEBP).",
             inputs=[
-                io.Latent.Input("samples", tooltip="Video latent [batch, 4, frames, h, w]."),
+                io.Latent.Input("samples", tooltip="Video latent [batch, 4, frames, h, w]; image latents and other "
+                                                "models' latents are refused."),
                 io.Vae.Input("vae", tooltip="VAE from Load VideoCrafter Checkpoint."),
                 io.Int.Input("frames_per_chunk", default=8, min=1, max=MAX_FRAMES,
-                             tooltip="Frames decoded per step; lower it if decoding runs out of memory."),
+                             tooltip="Frames decoded per step (each step can be interrupted); lower it if decoding runs "
+                                     "out of memory."),
             ],
             outputs=[io.Image.Output(tooltip="All frames, video after video.")],
         )
@@ -204,7 +220,9 @@ class VideoCrafterEncode(io.ComfyNode):
             category=CATEGORY,
             description="Encodes an IMAGE batch of frames into a video latent [batch, 4, frames, h/8, w/8].",
             inputs=[
-                io.Image.Input("pixels", tooltip="Frames, video after video (width and height multiples of 64)."),
+                io.Image.Input("pixels", tooltip="Frames, video after video; alpha is ignored, greyscale used as grey RGB. "
+                                              "Width and height are cropped to multiples of 8; sampling needs "
+                                              "multiples of 64."),
                 io.Vae.Input("vae", tooltip="VAE from Load VideoCrafter Checkpoint."),
                 io.Int.Input("frames", default=0, min=0, max=MAX_FRAMES,
                              tooltip="Frames per video; 0 makes one video of all images."),

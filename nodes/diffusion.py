@@ -11,6 +11,7 @@ import torch
 from ..vc_model.config import ResamplerConfig, UNetConfig
 from ..vc_model.resampler import Resampler
 from ..vc_model.unet import UNet3D
+from .guards import explain_out_of_memory, sampling_oom
 
 
 class VideoCrafterUNet(UNet3D):
@@ -23,7 +24,13 @@ class VideoCrafterUNet(UNet3D):
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor = None, fps=None,
                 clip_tokens: torch.Tensor | None = None, control=None, transformer_options=None, **kwargs):
         """x [B,4,T,h,w]; timesteps [B]; context [B,L,D] text tokens; fps [B] or None; clip_tokens
-        [B,N,width] CLIP patch tokens (I2V) -> eps [B,4,T,h,w]. ControlNet/patches are not supported."""
+        [B,N,width] CLIP patch tokens (I2V) -> eps [B,4,T,h,w]. ControlNet/patches are not supported.
+
+        Out-of-memory errors (any sampler) come out as torch.OutOfMemoryError saying what to lower."""
+        with explain_out_of_memory(lambda: sampling_oom(x.shape, self.dtype)):
+            return self._forward(x, timesteps, context, fps, clip_tokens)
+
+    def _forward(self, x, timesteps, context, fps, clip_tokens):
         image_context = None
         if clip_tokens is not None:
             if self.image_proj_model is None:

@@ -32,6 +32,7 @@ from ..vc_model.image_encoder import ImageEncoder
 from ..vc_model.schedule import Schedule, schedule_buffer_shapes
 from .ckpt_check import inspect_checkpoint
 from .diffusion import VideoCrafterUNet
+from .guards import explain_out_of_memory
 from .logic import clip_text_config, grey_images, images_to_model, vae_config
 from .model import VideoCrafterLatent, VideoCrafterModel, VideoCrafterModelConfig
 
@@ -74,9 +75,12 @@ class VideoCrafterImageEncoder:
             tower, load_device=self.load_device, offload_device=mm.text_encoder_offload_device())
 
     def _run(self, pixels: torch.Tensor) -> torch.Tensor:
-        mm.load_model_gpu(self.patcher)
-        tokens = self.patcher.model(pixels.to(self.load_device))
-        return tokens.to(mm.intermediate_device(), torch.float32)
+        describe = lambda: (f"encoding {pixels.shape[0]} start images with the CLIP image encoder",  # noqa: E731
+                            "use fewer images in the batch")
+        with explain_out_of_memory(describe):
+            mm.load_model_gpu(self.patcher)
+            tokens = self.patcher.model(pixels.to(self.load_device))
+            return tokens.to(mm.intermediate_device(), torch.float32)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """IMAGE [B,H,W,C] in [0,1] -> [B, tokens, width]: official squash to 224, no crop."""

@@ -5,6 +5,8 @@ as ValueError with such a sentence.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange
 
@@ -13,6 +15,8 @@ MAX_SIZE = 4096
 MAX_FRAMES = 256
 MAX_FPS = 120
 MAX_BATCH = 64
+MAX_STEPS = 1000  # the schedule's timesteps
+MAX_CFG = 100.0
 LATENT_CHANNELS = 4
 
 
@@ -50,6 +54,37 @@ def conditioning_problem(width, height, frames, fps, batch_size) -> str | None:
     if batch_size is not None and (not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH):
         return f"batch_size must be from 1 to {MAX_BATCH}, got {batch_size!r}."
     return None
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def eta_problem(eta) -> str | None:
+    if eta is not None and (not _real(eta) or not 0.0 <= eta <= 1.0):
+        return f"eta must be from 0 (deterministic) to 1 (the official default), got {eta!r}; it is not the duration."
+    return None
+
+
+def sampler_problem(steps, cfg, eta) -> str | None:
+    """Checks of VideoCrafter Sampler's numbers (None: linked from another node, checked at execution)."""
+    if steps is not None and (not _whole(steps) or not 1 <= steps <= MAX_STEPS):
+        return f"steps must be a whole number from 1 to {MAX_STEPS} (official 50), got {steps!r}."
+    if cfg is not None and (not _real(cfg) or not 0.0 <= cfg <= MAX_CFG):
+        return f"cfg must be a number from 0 to {MAX_CFG:g} (official 12), got {cfg!r}."
+    return eta_problem(eta)
+
+
+def image_batch_problem(images: int, videos: int) -> str | None:
+    """I2V: one image for every video, or one image per video; anything else is ambiguous."""
+    if images in (1, videos):
+        return None
+    return (f"The start image batch has {images} images but {videos} videos are generated: give one image "
+            f"(used for every video) or exactly one image per video (batch_size {images}).")
 
 
 def empty_latent(batch: int, frames: int, width: int, height: int, device=None) -> torch.Tensor:
@@ -113,14 +148,23 @@ def chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, total)) for i in range(0, total, size)]
 
 
+def image_rgb(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] -> [B,H,W,3]: alpha (and any channel past the third) is dropped, a
+    greyscale image (C = 1, or 2 with alpha) is repeated into three channels. Raises ValueError with
+    one sentence for tensors that are not an image batch."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"Expected an IMAGE batch [batch, height, width, channels], got {shape}.")
+    if 0 in images.shape:
+        raise ValueError(f"The image batch is empty (shape {list(images.shape)}).")
+    if images.shape[-1] <= 2:
+        return images[..., :1].expand(*images.shape[:-1], 3)
+    return images[..., :3]
+
+
 def images_to_model(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] in [0,1] -> [B,3,H,W] in [-1,1] (extra channels such as alpha dropped)."""
-    if images.ndim != 4:
-        raise ValueError(f"Expected an IMAGE batch [batch, height, width, channels], got shape {list(images.shape)}.")
-    x = images[..., :3]
-    if x.shape[-1] == 1:
-        x = x.expand(*x.shape[:-1], 3)
-    return x.movedim(-1, 1).float() * 2.0 - 1.0
+    """ComfyUI IMAGE [B,H,W,C] in [0,1] -> [B,3,H,W] in [-1,1] (see `image_rgb` for alpha and greyscale)."""
+    return image_rgb(images).movedim(-1, 1).float() * 2.0 - 1.0
 
 
 def grey_images(batch: int, size: int, device=None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ..vc_model.config import ModelConfig
 from ..vc_model.schedule import Schedule
 from . import sigmas as vs
 from .diffusion import VideoCrafterUNet
-from .logic import latent_problem, latent_size_problem
+from .logic import image_batch_problem, latent_problem, latent_size_problem
 
 # Conditioning keys our nodes set (namespaced so other models' conditionings never collide).
 FPS_KEY = "videocrafter_fps"
@@ -121,6 +121,9 @@ class VideoCrafterModel(comfy.model_base.BaseModel):
             raise ValueError(f"{self.release.name} is image-to-video: pass positive and negative through "
                              "VideoCrafter Image Encode so both carry image tokens.")
         if tokens is not None:
+            problem = image_batch_problem(tokens.shape[0], kwargs["noise"].shape[0])
+            if problem:
+                raise ValueError(problem)
             out["clip_tokens"] = comfy.conds.CONDRegular(tokens.to(device))
         if self.diffusion_model.fps_embedding is not None:
             fps = kwargs.get(FPS_KEY) or self.release.fps
