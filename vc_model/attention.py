@@ -50,17 +50,20 @@ class RelativePosition(nn.Module):
 
 
 def relative_position_attention(q, k, v, emb_k, emb_v):
-    """Softmax attention with relative position terms, via SDPA.
+    """Softmax attention with relative position terms, as one SDPA call.
 
     q, k, v: [B, H, n, d]; emb_k, emb_v: [n_q, n_k, d].
     logits[i, j] = scale*q_i.k_j + scale*q_i.emb_k[i, j];  out_i = sum_j p_ij (v_j + emb_v[i, j]).
-    The key term goes in as an additive mask; the probabilities come back from SDPA through a
-    one-hot block appended to v (row j of the identity is e_j, so p @ I = p).
+    Each query gets its key-term row r_i = (q_i.emb_k[i, j])_j appended and each key/value the one-hot
+    e_j, so the augmented dot product is q_i.k_j + r_ij and the augmented output carries the
+    probability row p_i. Equal head widths keep SDPA on its fused kernel (an additive mask plus a
+    wider v would send it to the slow reference path).
     """
-    n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    bias = torch.einsum("bhid,ijd->bhij", q, emb_k) * d ** -0.5
+    n_k, d = k.shape[-2], q.shape[-1]
     eye = torch.eye(n_k, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], n_k, n_k)
-    out = F.scaled_dot_product_attention(q, k, torch.cat([v, eye], dim=-1), attn_mask=bias)
+    q = torch.cat([q, torch.einsum("bhid,ijd->bhij", q, emb_k)], dim=-1)
+    out = F.scaled_dot_product_attention(q, torch.cat([k, eye], dim=-1), torch.cat([v, eye], dim=-1),
+                                         scale=d ** -0.5)
     out, probs = out.split([d, n_k], dim=-1)
     return out + torch.einsum("bhij,ijd->bhid", probs, emb_v)
 
