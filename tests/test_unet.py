@@ -154,7 +154,7 @@ def test_relative_position_attention_matches_direct_formula():
     gen = torch.Generator().manual_seed(0)
     n, d, max_dist = 7, 16, 3  # n > max_dist + 1, so the offsets are clipped
     q, k, v = (torch.randn(5, 2, n, d, generator=gen) for _ in range(3))
-    table_k, table_v = torch.randn(2 * max_dist + 1, d, generator=gen), torch.randn(2 * max_dist + 1, d, generator=gen)
+    table_k, table_v = (torch.randn(2 * max_dist + 1, d, generator=gen) for _ in range(2))
     idx = (torch.arange(n)[None] - torch.arange(n)[:, None]).clamp(-max_dist, max_dist) + max_dist
     emb_k, emb_v = table_k[idx], table_v[idx]
     logits = (q @ k.transpose(-1, -2) + torch.einsum("bhid,ijd->bhij", q, emb_k)) * d ** -0.5
@@ -187,7 +187,7 @@ def test_image_attention_is_decoupled_and_scaled():
 
 @pytest.fixture(scope="module")
 def i2v_pair():
-    """A random I2V U-Net (fixture sizes) and the T2V U-Net holding the same weights minus the image branch."""
+    """A random I2V U-Net (fixture sizes) and the T2V U-Net with the same weights minus the image branch."""
     params = load_case("t2v_unet_v2")[1]
     torch.manual_seed(0)
     i2v = UNet3D(unet_config(params, image_attention=True)).eval()

@@ -199,7 +199,8 @@ class UNet3D(nn.Module):
                     ds //= 2
                 self.output_blocks.append(Block(layers))
 
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -233,7 +234,8 @@ class UNet3D(nn.Module):
         b, _, frames = x.shape[:3]
         dtype, device = self.dtype, x.device
         timesteps = _per_sample(timesteps, b, device)
-        fps = _per_sample(DEFAULT_FPS if fps is None else fps, b, device) if self.fps_embedding is not None else None
+        if self.fps_embedding is not None:
+            fps = _per_sample(DEFAULT_FPS if fps is None else fps, b, device)
         emb = self.embed(timesteps, fps)
         context = context.to(dtype)
         if image_context is not None:
