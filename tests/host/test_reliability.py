@@ -197,9 +197,9 @@ def test_numbers_out_of_range_are_refused_at_validation(server, node, change, wo
 def test_long_and_empty_prompts_work_for_t2v_and_i2v(server):
     """CLIP Text Encode makes 154+ tokens of a long prompt; the I2V image tokens stay a separate input."""
     t2v = save_latent({**text_graph(T2V, prompt=LONG_PROMPT, negative=LONG_PROMPT[:200]), "5": sampler()}, "long_t2v")
-    outputs = server.run_ok(t2v)
+    server.run_ok(t2v)
     i2v = save_latent({**with_image(text_graph(I2V, prompt=LONG_PROMPT)), "5": sampler()}, "long_i2v")
-    outputs.update(server.run_ok(i2v))
+    server.run_ok(i2v)
     empty = save_latent({**with_image(text_graph(I2V, prompt="")), "5": sampler()}, "empty_i2v")
     server.run_ok(empty)
 
@@ -291,31 +291,62 @@ def test_two_checkpoints_in_one_graph(server):
     assert {"20", "57"} <= set(outputs)
 
 
+def interrupt_when_running(server, prompt_id: str, node_type: str) -> None:
+    """Wait until the prompt runs, let it work a moment, interrupt it; it must stop in `node_type`."""
+    wait_running(server, prompt_id)
+    time.sleep(2.0)
+    assert server.interrupt(prompt_id) == 200
+    entry = server.wait(prompt_id, timeout=60)
+    kinds = {kind: data for kind, data in entry["status"]["messages"]}
+    assert "execution_interrupted" in kinds, entry["status"]
+    assert kinds["execution_interrupted"]["node_type"] == node_type, kinds["execution_interrupted"]
+
+
+def session_graph(i: int) -> dict:
+    """Prompt i of the long session: T2V (two checkpoints by turns) and I2V alternate, seeds and prompts vary."""
+    ckpt = I2V if i % 2 else (T2V, T2V_V1)[i // 2 % 2]
+    graph = text_graph(ckpt, prompt=f"prompt number {i}: a cat on a boat")
+    if ckpt == I2V:
+        graph = with_image(graph)
+    return save_video({**graph, "5": sampler(seed=100 + i, steps=2)}, f"session_{i:02d}")
+
+
 def test_long_session_of_queued_prompts_keeps_memory_flat(server):
     """24 prompts queued at once through the API, alternating T2V and I2V checkpoints (so the loader node
-    reloads every time), new seeds and prompts (so every node runs), decoded and saved as mp4. All must
-    finish, and the server's resident memory in the last third must not exceed the middle third's."""
+    reloads every time), new seeds and prompts (so every node runs), decoded and saved as mp4; between the
+    middle and the last third, one prompt is interrupted while sampling and one while decoding. All must
+    finish (the interrupted ones with nothing saved), and the server's resident memory in the last third
+    must not exceed the middle third's (small margin): no leak per prompt, per reload or per interrupt."""
     count = 24
-    ids = []
+    third = count // 3
+    interrupted = {  # queued right before prompt 2 * third
+        "sampling": (save_video({**text_graph(T2V), "5": sampler(seed=7, steps=1000)}, "session_int_sampling"),
+                     "VideoCrafterSampler"),
+        "decoding": (save_video(text_graph(T2V, batch=8, frames=256), "session_int_decoding", chunk=1,
+                                source=("4", 2)), "VideoCrafterDecode"),
+    }
+    queued = []  # (prompt id, node type to interrupt in or None)
     for i in range(count):
-        ckpt = I2V if i % 2 else (T2V, T2V_V1)[i // 2 % 2]
-        graph = text_graph(ckpt, prompt=f"prompt number {i}: a cat on a boat")
-        if ckpt == I2V:
-            graph = with_image(graph)
-        graph = save_video({**graph, "5": sampler(seed=100 + i, steps=2)}, f"session_{i:02d}")
-        status, reply = server.post_prompt(graph)
+        if i == 2 * third:
+            for graph, node_type in interrupted.values():
+                status, reply = server.post_prompt(graph)
+                assert status == 200 and not reply.get("node_errors"), reply
+                queued.append((reply["prompt_id"], node_type))
+        status, reply = server.post_prompt(session_graph(i))
         assert status == 200 and not reply.get("node_errors"), reply
-        ids.append(reply["prompt_id"])
+        queued.append((reply["prompt_id"], None))
     rss = []
-    deadline = time.monotonic() + 300
-    for prompt_id in ids:
+    deadline = time.monotonic() + 360
+    for prompt_id, node_type in queued:
+        if node_type is not None:
+            interrupt_when_running(server, prompt_id, node_type)
+            continue
         entry = server.wait(prompt_id, timeout=max(5.0, deadline - time.monotonic()))
         assert entry["status"]["status_str"] == "success", f"{error_message(entry)}\n{server.log_tail()}"
         rss.append(rss_mib(server.process.pid))
-    third = count // 3
     middle, last = statistics.median(rss[third:2 * third]), statistics.median(rss[2 * third:])
     print("RSS MiB per prompt:", " ".join(f"{v:.0f}" for v in rss))
     print(f"median middle third {middle:.0f} MiB, last third {last:.0f} MiB")
     assert last <= middle * 1.03 + 24, f"resident memory keeps growing: {' '.join(f'{v:.0f}' for v in rss)}"
-    saved = sorted((server.output_dir / "video").glob("session_*"))
-    assert len(saved) == count
+    saved = sorted(p.name for p in (server.output_dir / "video").glob("session_*"))
+    assert len(saved) == count and not any("_int_" in name for name in saved), saved
