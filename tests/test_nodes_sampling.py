@@ -6,26 +6,11 @@ tiny random U-Net through a stand-in for ComfyUI's denoiser wrapper and are comp
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "comfyui_videocrafter_under_test"
-
-
-def pack_module(name: str):
-    """Import `<pack>.<name>` with the repository root as a package (relative imports, no ComfyUI)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.{name}")
+from pack_import import pack_module  # noqa: E402
 
 
 vs = pack_module("nodes.sigmas")

@@ -109,15 +109,6 @@ def read_latent(server: Server, outputs: dict) -> torch.Tensor:
     return load_file(str(server.output_file(outputs["20"]["latents"][0])))["latent_tensor"]
 
 
-def mp4_info(path: Path) -> tuple[int, int, int]:
-    import av
-
-    with av.open(str(path)) as container:
-        frames = sum(1 for _ in container.decode(video=0))
-        stream = container.streams.video[0]
-        return frames, stream.codec_context.width, stream.codec_context.height
-
-
 # ---- references computed with vc_model -----------------------------------------------------------------
 
 
