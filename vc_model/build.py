@@ -16,6 +16,7 @@ from torch import nn
 
 from .checkpoint import COMPONENT_PREFIXES, CheckpointError, describe_state_dict, lazy_state_dict, split_components
 from .config import ModelConfig
+from .conv import Conv2d, Conv3d, channels_last_format
 from .detect import detect_config, detect_resampler
 from .image_encoder import ImageEncoder, image_encoder_unused_keys
 from .schedule import Schedule, schedule_buffer_shapes, schedule_buffers
@@ -198,12 +199,23 @@ def _assign(module: nn.Module, names: dict[str, str], state_dict, dtype, device)
         target = dtype if tensor.is_floating_point() else tensor.dtype
         if on_meta or tensor.is_meta:
             tensors[key] = torch.empty(tensor.shape, dtype=target, device="meta" if on_meta else device)
+        elif _wants_channels_last(module, key, tensor):
+            tensors[key] = tensor.to(device=device, dtype=target, memory_format=channels_last_format(tensor))
         else:
             tensors[key] = tensor.to(device=device, dtype=target)
             if release is not None and tensors[key].data_ptr() != tensor.data_ptr():
                 del tensor
                 release(full)
     module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def _wants_channels_last(module: nn.Module, key: str, tensor: torch.Tensor) -> bool:
+    """Weights of `vc_model.conv` convolutions are stored channels-last: their activations are, so
+    the convolution never copies its weight into that layout per call, and the GEMM form reads it
+    as is."""
+    owner, _, leaf = key.rpartition(".")
+    return (leaf == "weight" and tensor.is_floating_point() and channels_last_format(tensor) is not None
+            and isinstance(module.get_submodule(owner), (Conv2d, Conv3d)))
 
 
 def _schedule(config: ModelConfig, state_dict, groups) -> Schedule:

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import SpatialTransformer, TemporalTransformer
+from .conv import Conv2d, Conv3d
 from .config import UNetConfig
 
 DEFAULT_FPS = 16  # the official forward's default when no fps is given
@@ -52,7 +53,7 @@ class GroupNorm32(nn.GroupNorm):
 
 def temporal_conv_stage(channels: int, first: bool) -> nn.Sequential:
     """GroupNorm -> SiLU -> [dropout slot] -> Conv3d kernel (3,1,1) zero-padded in time."""
-    conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+    conv = Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
     layers = [nn.GroupNorm(32, channels), nn.SiLU()] + ([] if first else [nn.Identity()]) + [conv]
     return nn.Sequential(*layers)
 
@@ -80,13 +81,13 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, out_channels: int, emb_dim: int, temporal_conv: bool = False):
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+            GroupNorm32(32, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(32, out_channels), nn.SiLU(), nn.Identity(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+            Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
-                                else nn.Conv2d(channels, out_channels, 1))
+                                else Conv2d(channels, out_channels, 1))
         if temporal_conv:
             self.temopral_conv = TemporalConvBlock(out_channels)  # (sic): official key name
         else:
@@ -109,7 +110,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -120,7 +121,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -165,7 +166,7 @@ class UNet3D(nn.Module):
         self.time_embed = mlp_embedding(mc, emb_dim)
         self.fps_embedding = mlp_embedding(mc, emb_dim) if cfg.fps_cond else None
 
-        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Block([Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         self.init_attn = None
         if cfg.init_attn:
             self.init_attn = Block([TemporalTransformer(
@@ -200,7 +201,7 @@ class UNet3D(nn.Module):
                 self.output_blocks.append(Block(layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+            GroupNorm32(32, ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @property
     def dtype(self) -> torch.dtype:
