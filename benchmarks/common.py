@@ -200,6 +200,12 @@ class Subset(Mapping):
     def __len__(self):
         return len(self._keys)
 
+    def release(self, key):
+        """Forward `vc_model.build`'s page release to the underlying lazy mapping."""
+        release = getattr(self.base, "release", None)
+        if release is not None:
+            release(key)
+
 
 def random_checkpoint(cache: str | os.PathLike = DEFAULT_CACHE, seed: int = 0) -> dict[str, Path]:
     """A full-size VideoCrafter2 checkpoint with random weights (`vc_model.random_state_dict`),

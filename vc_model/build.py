@@ -199,10 +199,9 @@ def _assign(module: nn.Module, names: dict[str, str], state_dict, dtype, device)
         target = dtype if tensor.is_floating_point() else tensor.dtype
         if on_meta or tensor.is_meta:
             tensors[key] = torch.empty(tensor.shape, dtype=target, device="meta" if on_meta else device)
-        elif _wants_channels_last(module, key, tensor):
-            tensors[key] = tensor.to(device=device, dtype=target, memory_format=channels_last_format(tensor))
         else:
-            tensors[key] = tensor.to(device=device, dtype=target)
+            layout = channels_last_format(tensor) if _wants_channels_last(module, key, tensor) else None
+            tensors[key] = tensor.to(device=device, dtype=target, memory_format=layout or torch.preserve_format)
             if release is not None and tensors[key].data_ptr() != tensor.data_ptr():
                 del tensor
                 release(full)
