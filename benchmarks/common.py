@@ -132,6 +132,27 @@ def baseline_bytes(device: str) -> int:
     return torch.cuda.memory_allocated() if device.startswith("cuda") else rss_bytes()
 
 
+BASELINE_METHOD = ("RSS after the imports and one run of the tiny random model in the same dtype "
+                   "(so thread pools and library state exist), before any benchmark weight is read")
+
+
+def warm_libraries(device: str, dtype: torch.dtype) -> None:
+    """Run the tiny model (a few MB) once: what the libraries allocate on first use then belongs to
+    the baseline, not to the benchmarked model's peak."""
+    import gc
+
+    import vc_model
+
+    cfg = vc_model.tiny_config()
+    bundle = vc_model.build(vc_model.random_state_dict(cfg), config=cfg, dtype=dtype, device=device)
+    with torch.inference_mode():
+        latent = torch.randn(1, 4, 2, 8, 8, device=device)
+        bundle.unet(latent, torch.tensor([1], device=device), torch.randn(1, 77, 64, device=device))
+        bundle.vae.decode(latent)
+    del bundle, latent
+    gc.collect()
+
+
 def tensor_bytes(module_or_tensors) -> int:
     if isinstance(module_or_tensors, torch.nn.Module):
         tensors = list(module_or_tensors.parameters()) + list(module_or_tensors.buffers())

@@ -1,0 +1,218 @@
+"""U-Net forward at full VideoCrafter2 width with random weights: time, FLOP/s, peak memory.
+
+    python -m benchmarks.bench_unet [--official /work/official] [--dtypes fp32,bf16] [--runs 3]
+
+CPU default: batch 2 (cond + uncond in one call), 8 frames, 16x16 latent, fp32 and bf16.
+CUDA default: batch 2, 16 frames, 40x64 and 72x128 latents, fp32, bf16 and fp16.
+With --official the official UNetModel (fp32; it has no half-precision path) runs on the same
+inputs with the same weights, loaded strictly through the official key names.
+Extra rows: --split-cfg (cond and uncond as two batch-1 calls, the official sampler's way),
+--compile (torch.compile of our U-Net).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks import common
+from benchmarks.common import DTYPES, GiB
+
+PREFIX = "model.diffusion_model."
+
+
+def unet_only_config():
+    from vc_model.config import VC2_T2V_512
+
+    return VC2_T2V_512.replace(vae=None, text_encoder=None)
+
+
+def unet_weights(spec: dict):
+    """The U-Net part of the cached random VC2 checkpoint (official key names, read lazily)."""
+    return common.component_weights(spec["checkpoint"], PREFIX)
+
+
+def official_unet(official: str, device: str = "cpu"):
+    """The official UNetModel for the VC2 config, built on `device` (use "meta" before assigning)."""
+    import yaml
+
+    common.import_official(official)
+    from lvdm.modules.networks.openaimodel3d import UNetModel
+
+    path = Path(official) / "configs" / "inference_t2v_512_v2.0.yaml"
+    params = dict(yaml.safe_load(path.read_text())["model"]["params"]["unet_config"]["params"])
+    # Gradient checkpointing only matters for training; under no_grad it just calls the block.
+    params["use_checkpoint"] = False
+    with torch.device(device):
+        return UNetModel(**params)
+
+
+def build_model(spec: dict, device: str):
+    """(model, forward(x, t, context, fps)) for spec["impl"] on `device` ("meta": shapes only)."""
+    impl, dtype = spec["impl"], DTYPES[spec["dtype"]]
+    if impl == "official":
+        model = official_unet(spec["official"], "meta")
+        if device != "meta":
+            weights = {k[len(PREFIX):]: v for k, v in unet_weights(spec).items()}
+            model.load_state_dict(weights, strict=True, assign=True)
+            del weights
+            model = model.to(device=device, dtype=dtype)
+        model.eval().requires_grad_(False)
+        return model, lambda x, t, c, fps: model(x, t, context=c, fps=fps)
+    import vc_model
+    from vc_model.unet import UNet3D
+
+    if device == "meta":
+        with torch.device("meta"):
+            model = UNet3D(unet_only_config().unet)
+    else:
+        model = vc_model.build(unet_weights(spec), config=unet_only_config(), dtype=dtype, device=device).unet
+    if spec.get("compile"):
+        model = torch.compile(model)
+    return model, lambda x, t, c, fps: model(x, t, c, fps=fps)
+
+
+def make_inputs(spec: dict, device: str):
+    g = torch.Generator().manual_seed(1)
+    b, t, h, w = spec["batch"], spec["frames"], spec["height"], spec["width"]
+    x = torch.randn(b, 4, t, h, w, generator=g)
+    context = torch.randn(b, 77, 1024, generator=g)
+    timesteps = torch.full((b,), 500, dtype=torch.long)
+    fps = torch.full((b,), 28, dtype=torch.long)
+    return [v.to(device) for v in (x, timesteps, context, fps)]
+
+
+def worker(spec: dict) -> dict:
+    device = spec["device"]
+    if spec["impl"] == "official":
+        common.import_official(spec["official"])
+
+    meta_model, meta_forward = build_model(spec, "meta")
+    with torch.no_grad():
+        flops = common.count_flops(lambda: meta_forward(*make_inputs(spec, "meta")))
+    del meta_model, meta_forward
+
+    x, t, context, fps = make_inputs(spec, device)
+    common.warm_libraries(device, DTYPES[spec["dtype"]])
+    base = common.baseline_bytes(device)
+    start = time.perf_counter()
+    model, forward = build_model(spec, device)
+    build_s = time.perf_counter() - start
+    weights = common.tensor_bytes(model)
+    if spec.get("split_cfg"):
+        def step():
+            with torch.inference_mode():
+                halves = [forward(*(v[i:i + 1] for v in (x, t, context, fps))) for i in range(x.shape[0])]
+                return torch.cat(halves)
+    else:
+        def step():
+            with torch.inference_mode():
+                return forward(x, t, context, fps)
+
+    with common.peak_meter(device) as meter:
+        timing = common.time_runs(step, spec["runs"], spec["warmup"], device)
+    out = step()
+    torch.save(out.float().cpu(), spec["save"])
+    peak = meter.peak - base
+    return {
+        "flops": flops, "tflops_per_s": flops / timing["min_s"] / 1e12, **timing,
+        "build_s": build_s, "weights_bytes": weights, "peak_bytes": peak,
+        "peak_over_weights": peak / weights, "memory_method": meter.method, "baseline_bytes": base,
+            "baseline_method": common.BASELINE_METHOD,
+    }
+
+
+def configurations(args) -> list[dict]:
+    cuda = args.device.startswith("cuda")
+    sizes = [(16, 40, 64), (16, 72, 128)] if cuda else [(8, 16, 16)]
+    if args.size:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.size]
+    dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
+    runs = args.runs or (10 if cuda else 3)
+    tmp = Path(tempfile.mkdtemp(prefix="vc_bench_unet_"))
+    checkpoint = str(common.random_checkpoint(args.cache)["safetensors"])
+    specs = []
+    for frames, height, width in sizes:
+        base = {"checkpoint": checkpoint, "device": args.device, "threads": args.threads, "runs": runs, "warmup": args.warmup,
+                "batch": 2, "frames": frames, "height": height, "width": width}
+        if args.official:
+            specs.append({**base, "impl": "official", "dtype": "fp32", "official": args.official})
+        for dtype in dtypes:
+            specs.append({**base, "impl": "ours", "dtype": dtype})
+        if args.split_cfg:
+            specs.append({**base, "impl": "ours", "dtype": dtypes[0], "split_cfg": True})
+        if args.compile:
+            specs.append({**base, "impl": "ours", "dtype": dtypes[-1], "compile": True})
+    for n, spec in enumerate(specs):
+        spec["save"] = str(tmp / f"out{n}.pt")
+    return specs
+
+
+def label(r: dict) -> str:
+    extra = "".join(f" +{k}" for k in ("split_cfg", "compile") if r.get(k))
+    return f"{r['impl']} {r['dtype']}{extra}"
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    """Output differences and time ratios against the official fp32 run (or our fp32 run)."""
+    out = []
+    groups = {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault((r["frames"], r["height"], r["width"]), []).append(r)
+    for size, rows in groups.items():
+        ref = next((r for r in rows if r["impl"] == "official"), None)
+        ours32 = next((r for r in rows if r["impl"] == "ours" and r["dtype"] == "fp32" and not r.get("split_cfg")
+                       and not r.get("compile")), None)
+        for r in rows:
+            if r["impl"] == "official":
+                continue
+            for base in (ref, ours32):
+                if base is None or base is r:
+                    continue
+                diff = common.compare(torch.load(r["save"]), torch.load(base["save"]))
+                out.append({"size": "x".join(map(str, size)), "run": label(r), "against": label(base),
+                            "time_ratio": r["min_s"] / base["min_s"], **diff})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
+    parser.add_argument("--size", action="append", help="FRAMESxHxW latent size (repeatable)")
+    parser.add_argument("--split-cfg", action="store_true", help="add a row with cond/uncond as two calls")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    args = parser.parse_args()
+
+    results = [common.run_worker(__file__, spec) for spec in configurations(args)]
+    comps = comparisons(results)
+    result = {"benchmark": "unet", "model": "VideoCrafter2 U-Net (random weights)", "command": " ".join(sys.argv),
+              "machine": common.machine_info(args.device), "results": results, "comparisons": comps}
+    rows = [{**r, "run": label(r), "cpu_min_s": min(r.get("cpu_s") or [0]), "size": f"{r['batch']}x{r['frames']}x{r['height']}x{r['width']}",
+             "peak_gib": r.get("peak_bytes", 0) / GiB, "weights_gib": r.get("weights_bytes", 0) / GiB} for r in results]
+    text = common.table(rows, [("run", "run"), ("size", "BxTxhxw"), ("min_s", "min s"), ("median_s", "median s"),
+                               ("cpu_min_s", "min CPU s"), ("tflops_per_s", "TFLOP/s"), ("weights_gib", "weights GiB"),
+                               ("peak_gib", "peak-base GiB"), ("peak_over_weights", "peak/weights")])
+    if comps:
+        text += "\n\n" + common.table(comps, [("size", "size"), ("run", "run"), ("against", "against"),
+                                              ("time_ratio", "time ratio"), ("max_abs", "max|diff|"),
+                                              ("max_abs_rel", "max|diff|/max|ref|"), ("rel_rms", "rel RMS")])
+    errors = [r for r in results if "error" in r]
+    for r in errors:
+        text += f"\n\nERROR in {label(r)}: {r['error']}"
+    common.emit(result, text, args.json_out)
+
+
+if __name__ == "__main__":
+    if common.is_worker():
+        common.worker_main(worker)
+    else:
+        main()

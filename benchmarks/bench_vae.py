@@ -1,0 +1,198 @@
+"""VAE decode of a latent video with random VideoCrafter2 weights: time, FLOP/s, peak memory.
+
+    python -m benchmarks.bench_vae [--official /work/official] [--dtypes fp32,bf16] [--chunk 0 --chunk 1]
+
+CPU default: 8 frames of a 16x16 latent (128x128 pixels). CUDA default: 16 frames at 40x64 and
+72x128 latents (320x512 and 576x1024 pixels). `--chunk N` adds rows decoding N frames at a time
+(0: our default chunking). With --official the official AutoencoderKL decodes the same latent with
+the same weights the way its `decode_first_stage` does (all frames of the video in one batch).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks import common
+from benchmarks.common import DTYPES, GiB
+
+PREFIX = "first_stage_model."
+
+
+def vae_only_config():
+    from vc_model.config import VC2_T2V_512
+
+    return VC2_T2V_512.replace(unet=None, text_encoder=None)
+
+
+def official_vae(official: str, device: str = "cpu"):
+    """The official AutoencoderKL for the VC2 config."""
+    import yaml
+
+    common.import_official(official)
+    from lvdm.models.autoencoder import AutoencoderKL
+
+    path = Path(official) / "configs" / "inference_t2v_512_v2.0.yaml"
+    params = yaml.safe_load(path.read_text())["model"]["params"]["first_stage_config"]["params"]
+    with torch.device(device):
+        return AutoencoderKL(**params)
+
+
+def build_model(spec: dict, device: str):
+    """(model, decode(latent [B,4,T,h,w] scaled) -> video [B,3,T,H,W]) on `device` ("meta": shapes only)."""
+    from einops import rearrange
+
+    dtype = DTYPES[spec["dtype"]]
+    scale = vae_only_config().vae.scale_factor
+    if spec["impl"] == "official":
+        model = official_vae(spec["official"], "meta")
+        if device != "meta":
+            weights = {k[len(PREFIX):]: v for k, v in common.component_weights(spec["checkpoint"], PREFIX).items()}
+            model.load_state_dict(weights, strict=True, assign=True)
+            del weights
+            model = model.to(device=device, dtype=dtype)
+        model.eval().requires_grad_(False)
+
+        def decode(z):  # what the official decode_first_stage does for a 2D autoencoder
+            b = z.shape[0]
+            frames = model.decode(rearrange(z, "b c t h w -> (b t) c h w") / scale)
+            return rearrange(frames, "(b t) c h w -> b c t h w", b=b)
+        return model, decode
+    import vc_model
+    from vc_model.vae import VideoVAE
+
+    if device == "meta":
+        with torch.device("meta"):
+            model = VideoVAE(vae_only_config().vae)
+    else:
+        weights = common.component_weights(spec["checkpoint"], PREFIX)
+        model = vc_model.build(weights, config=vae_only_config(), dtype=dtype, device=device).vae
+    chunk = spec.get("chunk") or None
+    return model, lambda z: model.decode(z, frames_per_chunk=chunk)
+
+
+def make_latent(spec: dict, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(1, 4, spec["frames"], spec["height"], spec["width"], generator=g).to(device)
+
+
+def worker(spec: dict) -> dict:
+    device = spec["device"]
+    if spec["impl"] == "official":
+        common.import_official(spec["official"])
+    meta_model, meta_decode = build_model(spec, "meta")
+    with torch.no_grad():
+        flops = common.count_flops(lambda: meta_decode(make_latent(spec, "meta")))
+    del meta_model, meta_decode
+
+    z = make_latent(spec, device)
+    common.warm_libraries(device, DTYPES[spec["dtype"]])
+    base = common.baseline_bytes(device)
+    start = time.perf_counter()
+    model, decode = build_model(spec, device)
+    build_s = time.perf_counter() - start
+    weights = common.tensor_bytes(model)
+    decoder_weights = common.tensor_bytes(list(model.decoder.parameters()) + list(model.post_quant_conv.parameters()))
+
+    def step():
+        with torch.inference_mode():
+            return decode(z)
+
+    with common.peak_meter(device) as meter:
+        timing = common.time_runs(step, spec["runs"], spec["warmup"], device)
+    torch.save(step().float().cpu(), spec["save"])
+    peak = meter.peak - base
+    return {"flops": flops, "tflops_per_s": flops / timing["min_s"] / 1e12, **timing, "build_s": build_s,
+            "weights_bytes": weights, "decoder_weights_bytes": decoder_weights, "peak_bytes": peak,
+            "peak_over_weights": peak / weights, "memory_method": meter.method, "baseline_bytes": base,
+            "baseline_method": common.BASELINE_METHOD}
+
+
+def label(r: dict) -> str:
+    chunk = r.get("chunk")
+    return f"{r['impl']} {r['dtype']}" + (f" chunk={chunk}" if chunk else "")
+
+
+def configurations(args) -> list[dict]:
+    cuda = args.device.startswith("cuda")
+    sizes = [(16, 40, 64), (16, 72, 128)] if cuda else [(8, 16, 16)]
+    if args.size:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.size]
+    dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
+    chunks = [int(c) for c in args.chunk] if args.chunk else [0]
+    runs = args.runs or (10 if cuda else 3)
+    checkpoint = str(common.random_checkpoint(args.cache)["safetensors"])
+    tmp = Path(tempfile.mkdtemp(prefix="vc_bench_vae_"))
+    specs = []
+    for frames, height, width in sizes:
+        base = {"checkpoint": checkpoint, "device": args.device, "threads": args.threads, "runs": runs,
+                "warmup": args.warmup, "frames": frames, "height": height, "width": width}
+        if args.official:
+            specs.append({**base, "impl": "official", "dtype": "fp32", "official": args.official})
+        for dtype in dtypes:
+            for chunk in chunks:
+                specs.append({**base, "impl": "ours", "dtype": dtype, "chunk": chunk})
+    for n, spec in enumerate(specs):
+        spec["save"] = str(tmp / f"out{n}.pt")
+    return specs
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    out, groups = [], {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault((r["frames"], r["height"], r["width"]), []).append(r)
+    for size, rows in groups.items():
+        ref = next((r for r in rows if r["impl"] == "official"), None)
+        ours32 = next((r for r in rows if r["impl"] == "ours" and r["dtype"] == "fp32"), None)
+        for r in rows:
+            if r["impl"] == "official":
+                continue
+            for base in (ref, ours32):
+                if base is None or base is r:
+                    continue
+                diff = common.compare(torch.load(r["save"]), torch.load(base["save"]))
+                out.append({"size": "x".join(map(str, size)), "run": label(r), "against": label(base),
+                            "time_ratio": r["min_s"] / base["min_s"], **diff})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
+    parser.add_argument("--size", action="append", help="FRAMESxHxW latent size (repeatable)")
+    parser.add_argument("--chunk", action="append", help="frames per decode chunk, 0 = default (repeatable)")
+    args = parser.parse_args()
+
+    results = [common.run_worker(__file__, spec) for spec in configurations(args)]
+    comps = comparisons(results)
+    result = {"benchmark": "vae_decode", "model": "VideoCrafter2 VAE (random weights)", "command": " ".join(sys.argv),
+              "machine": common.machine_info(args.device), "results": results, "comparisons": comps}
+    rows = [{**r, "run": label(r), "cpu_min_s": min(r.get("cpu_s") or [0]), "size": f"{r['frames']}x{r['height']}x{r['width']}",
+             "peak_gib": r.get("peak_bytes", 0) / GiB, "weights_gib": r.get("weights_bytes", 0) / GiB} for r in results]
+    text = common.table(rows, [("run", "run"), ("size", "Txhxw"), ("min_s", "min s"), ("median_s", "median s"),
+                               ("cpu_min_s", "min CPU s"), ("tflops_per_s", "TFLOP/s"), ("weights_gib", "weights GiB"),
+                               ("peak_gib", "peak-base GiB"), ("peak_over_weights", "peak/weights")])
+    if comps:
+        text += "\n\n" + common.table(comps, [("size", "size"), ("run", "run"), ("against", "against"),
+                                              ("time_ratio", "time ratio"), ("max_abs", "max|diff|"),
+                                              ("max_abs_rel", "max|diff|/max|ref|"), ("rel_rms", "rel RMS")])
+    for r in results:
+        if "error" in r:
+            text += f"\n\nERROR in {label(r)}: {r['error']}"
+    common.emit(result, text, args.json_out)
+
+
+if __name__ == "__main__":
+    if common.is_worker():
+        common.worker_main(worker)
+    else:
+        main()
