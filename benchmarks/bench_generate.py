@@ -5,7 +5,8 @@
 CPU default: the tiny model (`vc_model.tiny_config()`, every block type, a few MB) at its native
 64x128, 4 frames, 50 steps, cfg 12, eta 1, fp32 and bf16: a check that the whole flow runs and what
 the sampler costs around the model calls. CUDA default: VideoCrafter2 at 320x512 and VideoCrafter1
-1024 at 576x1024, 16 frames, 50 steps, bf16 and fp16. The time is split into text encoder, U-Net,
+1024 at 576x1024, 16 frames, 50 steps, bf16 and fp16. `--model vc2` on the CPU with a small size
+and few steps (e.g. --frames 8 --height 128 --width 128 --steps 5) runs the full-width model. The time is split into text encoder, U-Net,
 VAE decode and the rest (sampler arithmetic, noise), timed by wrapping each part's forward.
 
 With --official (tiny model only: the official model is built whole in fp32 with its own init, which
@@ -132,7 +133,10 @@ def run_ours(spec: dict, cfg):
     import vc_model
 
     dtype = DTYPES[spec["dtype"]]
-    bundle = vc_model.build(vc_model.random_state_dict(cfg, seed=0), config=cfg, dtype=dtype, device=spec["device"])
+    if spec.get("checkpoint"):  # the cached full-size random checkpoint, loaded lazily
+        bundle = vc_model.load(spec["checkpoint"], dtype=dtype, device=spec["device"], config=cfg)
+    else:
+        bundle = vc_model.build(vc_model.random_state_dict(cfg, seed=0), config=cfg, dtype=dtype, device=spec["device"])
 
     def generate():
         return vc_model.generate(bundle, PROMPT, height=spec["height"], width=spec["width"], frames=spec["frames"],
@@ -204,6 +208,8 @@ def configurations(args) -> list[dict]:
         base = {"model": name, "device": args.device, "threads": args.threads, "runs": args.runs or 3,
                 "warmup": args.warmup, "steps": args.steps, "cfg": 12.0, "frames": args.frames or cfg.frames,
                 "height": args.height or cfg.height, "width": args.width or cfg.width}
+        if name == "vc2":
+            base["checkpoint"] = str(common.random_checkpoint(args.cache)["safetensors"])
         if args.official and name == "tiny":
             specs.append({**base, "impl": "official", "dtype": "fp32", "official": args.official,
                           "official_deps": args.official_deps})

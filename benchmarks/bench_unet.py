@@ -90,6 +90,8 @@ def make_inputs(spec: dict, device: str):
 
 
 def worker(spec: dict) -> dict:
+    if spec.get("ab"):
+        return ab_worker(spec)
     device = spec["device"]
     if spec["impl"] == "official":
         common.import_official(spec["official"])
@@ -127,6 +129,21 @@ def worker(spec: dict) -> dict:
         "peak_over_weights": peak / weights, "memory_method": meter.method, "baseline_bytes": base,
             "baseline_method": common.BASELINE_METHOD,
     }
+
+
+def ab_worker(spec: dict) -> dict:
+    """Official fp32, ours fp32 and ours bf16 in ONE process, called in turn for `rounds` rounds, so
+    that load from other work on the machine hits all of them alike. Weights kept as views of the
+    checkpoint file (all of the official model's, our fp32 Linear weights) share its pages."""
+    device = spec["device"]
+    common.import_official(spec["official"])
+    x, t, context, fps = make_inputs(spec, device)
+    models = {}
+    for impl, dtype in (("official", "fp32"), ("ours", "fp32"), ("ours", "bf16")):
+        models[f"{impl} {dtype}"] = build_model({**spec, "impl": impl, "dtype": dtype}, device)
+    with torch.inference_mode():
+        return common.interleave({name: (lambda f=forward: f(x, t, context, fps)) for name, (_, forward) in models.items()},
+                                 spec["rounds"], device)
 
 
 def configurations(args) -> list[dict]:
@@ -190,12 +207,23 @@ def main() -> None:
     parser.add_argument("--size", action="append", help="FRAMESxHxW latent size (repeatable)")
     parser.add_argument("--split-cfg", action="store_true", help="add a row with cond/uncond as two calls")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                        help="with --official: also time official fp32 / ours fp32 / ours bf16 in turn in one process")
     args = parser.parse_args()
 
-    results = [common.run_worker(__file__, spec) for spec in configurations(args)]
+    specs = configurations(args)
+    ab = None
+    if args.ab and args.official:
+        first = specs[0]
+        ab = common.run_worker(__file__, {k: first[k] for k in ("checkpoint", "device", "threads", "batch", "frames",
+                                                                "height", "width")}
+                               | {"ab": True, "rounds": args.ab, "official": args.official, "impl": "ab", "dtype": "-"})
+    results = [common.run_worker(__file__, spec) for spec in specs]
     comps = comparisons(results)
     result = {"benchmark": "unet", "model": "VideoCrafter2 U-Net (random weights)", "command": " ".join(sys.argv),
               "machine": common.machine_info(args.device), "results": results, "comparisons": comps}
+    if ab is not None:
+        result["interleaved"] = ab
     rows = [{**r, "run": label(r), "cpu_min_s": min(r.get("cpu_s") or [0]), "size": f"{r['batch']}x{r['frames']}x{r['height']}x{r['width']}",
              "peak_gib": r.get("peak_bytes", 0) / GiB, "weights_gib": r.get("weights_bytes", 0) / GiB} for r in results]
     text = common.table(rows, [("run", "run"), ("size", "BxTxhxw"), ("min_s", "min s"), ("median_s", "median s"),
@@ -205,6 +233,10 @@ def main() -> None:
         text += "\n\n" + common.table(comps, [("size", "size"), ("run", "run"), ("against", "against"),
                                               ("time_ratio", "time ratio"), ("max_abs", "max|diff|"),
                                               ("max_abs_rel", "max|diff|/max|ref|"), ("rel_rms", "rel RMS")])
+    if ab is not None and "ab" in ab:
+        text += "\n\n" + common.interleaved_table(ab, args.ab)
+    elif ab is not None:
+        results.append(ab)
     errors = [r for r in results if "error" in r]
     for r in errors:
         text += f"\n\nERROR in {label(r)}: {r['error']}"

@@ -83,7 +83,21 @@ def make_latent(spec: dict, device: str) -> torch.Tensor:
     return torch.randn(1, 4, spec["frames"], spec["height"], spec["width"], generator=g).to(device)
 
 
+def ab_worker(spec: dict) -> dict:
+    """Official fp32, ours fp32 and ours bf16 decoding in turn in ONE process (see common.interleave)."""
+    device = spec["device"]
+    common.import_official(spec["official"])
+    z = make_latent(spec, device)
+    decoders = {f"{impl} {dtype}": build_model({**spec, "impl": impl, "dtype": dtype}, device)[1]
+                for impl, dtype in (("official", "fp32"), ("ours", "fp32"), ("ours", "bf16"))}
+    with torch.inference_mode():
+        return common.interleave({name: (lambda d=decode: d(z)) for name, decode in decoders.items()},
+                                 spec["rounds"], device)
+
+
 def worker(spec: dict) -> dict:
+    if spec.get("ab"):
+        return ab_worker(spec)
     device = spec["device"]
     if spec["impl"] == "official":
         common.import_official(spec["official"])
@@ -170,12 +184,23 @@ def main() -> None:
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
     parser.add_argument("--size", action="append", help="FRAMESxHxW latent size (repeatable)")
     parser.add_argument("--chunk", action="append", help="frames per decode chunk, 0 = default (repeatable)")
+    parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                        help="with --official: also time official fp32 / ours fp32 / ours bf16 in turn in one process")
     args = parser.parse_args()
 
-    results = [common.run_worker(__file__, spec) for spec in configurations(args)]
+    specs = configurations(args)
+    ab = None
+    if args.ab and args.official:
+        first = specs[0]
+        ab = common.run_worker(__file__, {k: first[k] for k in ("checkpoint", "device", "threads", "frames", "height",
+                                                                "width")}
+                               | {"ab": True, "rounds": args.ab, "official": args.official, "impl": "ab", "dtype": "-"})
+    results = [common.run_worker(__file__, spec) for spec in specs]
     comps = comparisons(results)
     result = {"benchmark": "vae_decode", "model": "VideoCrafter2 VAE (random weights)", "command": " ".join(sys.argv),
               "machine": common.machine_info(args.device), "results": results, "comparisons": comps}
+    if ab is not None:
+        result["interleaved"] = ab
     rows = [{**r, "run": label(r), "cpu_min_s": min(r.get("cpu_s") or [0]), "size": f"{r['frames']}x{r['height']}x{r['width']}",
              "peak_gib": r.get("peak_bytes", 0) / GiB, "weights_gib": r.get("weights_bytes", 0) / GiB} for r in results]
     text = common.table(rows, [("run", "run"), ("size", "Txhxw"), ("min_s", "min s"), ("median_s", "median s"),
@@ -185,6 +210,10 @@ def main() -> None:
         text += "\n\n" + common.table(comps, [("size", "size"), ("run", "run"), ("against", "against"),
                                               ("time_ratio", "time ratio"), ("max_abs", "max|diff|"),
                                               ("max_abs_rel", "max|diff|/max|ref|"), ("rel_rms", "rel RMS")])
+    if ab is not None and "ab" in ab:
+        text += "\n\n" + common.interleaved_table(ab, args.ab)
+    elif ab is not None:
+        results.append(ab)
     for r in results:
         if "error" in r:
             text += f"\n\nERROR in {label(r)}: {r['error']}"

@@ -187,6 +187,32 @@ def time_runs(fn, runs: int, warmup: int, device: str = "cpu") -> dict:
             "cpu_s": [round(t, 3) for t in cpu], "loadavg_1min": os.getloadavg()[0]}
 
 
+def interleave(fns: dict, rounds: int, device: str = "cpu") -> dict:
+    """Call each fn once (warm-up), then all of them in turn for `rounds` rounds; seconds per fn.
+
+    Used to compare implementations in one process when other work shares the machine: a busy
+    moment slows all of them alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {"ab": {name: {"min_s": min(v), "median_s": statistics.median(v), "runs_s": [round(r, 3) for r in v]}
+                   for name, v in times.items()}, "loadavg_1min": os.getloadavg()[0]}
+
+
+def interleaved_table(ab: dict, rounds: int) -> str:
+    ref = ab["ab"]["official fp32"]["min_s"]
+    rows = [{"run": name, **v, "ratio": v["min_s"] / ref} for name, v in ab["ab"].items()]
+    return (f"Interleaved in one process, {rounds} rounds (load avg {ab['loadavg_1min']:.1f}):\n"
+            + table(rows, [("run", "run"), ("min_s", "min s"), ("median_s", "median s"),
+                           ("ratio", "min / official min")]))
+
+
 def count_flops(fn) -> int:
     """FLOPs of fn() by `torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts 2).
 
