@@ -157,7 +157,9 @@ def worker(spec: dict) -> dict:
     start = time.perf_counter()
     owner, generate, parts = (run_official if spec["impl"] == "official" else run_ours)(spec, cfg)
     build_s = time.perf_counter() - start
-    weights = sum(common.tensor_bytes(m) for m in parts.values())
+    # Every weight held (the VAE encoder included; the official model's schedule buffers too).
+    weights = (common.tensor_bytes(owner) if isinstance(owner, torch.nn.Module)
+               else sum(common.tensor_bytes(m) for m in owner.modules().values()))
 
     spent = {name: 0.0 for name in parts}
     calls = {name: 0 for name in parts}

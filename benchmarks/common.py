@@ -32,6 +32,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# VC_BENCH_ROOT=<another checkout> measures that checkout's vc_model with these scripts (before/after
+# comparisons against an older commit, e.g. from `git worktree add /tmp/before <commit>`).
+if os.environ.get("VC_BENCH_ROOT"):
+    sys.path.insert(0, str(Path(os.environ["VC_BENCH_ROOT"]).resolve()))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CACHE = Path(os.environ.get("VC_BENCH_CACHE", Path.home() / ".cache" / "vc_bench"))
 
@@ -49,7 +53,8 @@ def machine_info(device: str = "cpu") -> dict:
     except OSError:
         pass
     info = {"cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "vc_model_root": os.environ.get("VC_BENCH_ROOT") or str(REPO)}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
