@@ -25,7 +25,7 @@ try:  # moved out of comfy/ in July 2024
 except ImportError:  # pragma: no cover - older hosts
     from comfy import sd2_clip
 
-from ..vc_model.build import expected_shapes
+from ..vc_model.build import assign_weights, expected_shapes
 from ..vc_model.checkpoint import COMPONENT_PREFIXES, CheckpointError, lazy_state_dict
 from ..vc_model.config import ModelConfig, TextEncoderConfig, VAEConfig
 from ..vc_model.image_encoder import ImageEncoder
@@ -132,10 +132,10 @@ def _diffusion_model(state_dict, config: ModelConfig, dtype, device) -> VideoCra
     resampler = config.image_encoder.resampler if config.image_encoder is not None else None
     with torch.device("meta"):
         unet = VideoCrafterUNet(config.unet, resampler)
-    weights = _tensors(state_dict, COMPONENT_PREFIXES["unet"], dtype, device)
-    proj = _tensors(state_dict, COMPONENT_PREFIXES["image_proj"], dtype, device)
-    weights.update({"image_proj_model." + k: v for k, v in proj.items()})
-    unet.load_state_dict(weights, strict=True, assign=True)
+    proj = "image_proj_model."
+    names = {k: COMPONENT_PREFIXES["image_proj"] + k[len(proj):] if k.startswith(proj) else COMPONENT_PREFIXES["unet"] + k
+             for k in unet.state_dict()}
+    assign_weights(unet, names, state_dict, dtype, device)
     return unet.eval().requires_grad_(False)
 
 
@@ -163,8 +163,8 @@ def _image_encoder(state_dict, config: ModelConfig) -> VideoCrafterImageEncoder:
     dtype = mm.unet_manual_cast(dtype, load_device, SUPPORTED_DTYPES) or dtype  # our tower computes in its weight dtype
     with torch.device("meta"):
         tower = ImageEncoder(cfg).clip
-    tower.load_state_dict(_tensors(state_dict, COMPONENT_PREFIXES["image_clip"], dtype, mm.text_encoder_offload_device()),
-                          strict=True, assign=True)
+    names = {k: COMPONENT_PREFIXES["image_clip"] + k for k in tower.state_dict()}
+    assign_weights(tower, names, state_dict, dtype, mm.text_encoder_offload_device())
     return VideoCrafterImageEncoder(tower.eval().requires_grad_(False), cfg.image_size)
 
 

@@ -121,7 +121,7 @@ def build(state_dict: Mapping[str, torch.Tensor], config: ModelConfig | None = N
 
     bundle = Bundle(config=config)
     for name, (module, names) in shells.items():
-        _assign(module, names, state_dict, dtype, device)
+        assign_weights(module, names, state_dict, dtype, device)
         module.eval().requires_grad_(False)
         setattr(bundle, name, module)
     if bundle.unet is not None or groups["schedule"]:
@@ -185,8 +185,10 @@ def _validate(module: nn.Module, names: dict[str, str], present: list[str], stat
             )
 
 
-def _assign(module: nn.Module, names: dict[str, str], state_dict, dtype, device) -> None:
+def assign_weights(module: nn.Module, names: dict[str, str], state_dict, dtype, device) -> None:
     """Copy (or cast) each tensor once, straight into `dtype` on `device`, and hand it to the module.
+
+    `names` maps the module's keys to checkpoint keys; the module was built on `meta`.
 
     When the source is a memory-mapped file (`lazy_state_dict`), a tensor's file pages are given
     back as soon as it has been copied, so peak memory is the built weights plus one tensor. A
