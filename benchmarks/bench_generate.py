@@ -244,9 +244,7 @@ def main() -> None:
                                ("total_s", "total s"), ("text_encoder_s", "text s"), ("unet_s", "U-Net s"),
                                ("unet_calls", "U-Net calls"), ("vae_decode_s", "decode s"), ("other_s", "other s"),
                                ("peak_gib", "peak-base GiB"), ("peak_over_weights", "peak/weights")])
-    for r in results:
-        if "error" in r:
-            text += f"\n\nERROR in {r['impl']} {r['dtype']}: {r['error']}"
+    text += common.error_lines(results, lambda r: f"{r['impl']} {r['dtype']}")
     common.emit(result, text, args.json_out)
 
 

@@ -74,9 +74,7 @@ def main() -> None:
     text = common.table(rows, [("run", "file -> dtype"), ("file_gib", "file GiB"), ("load_s", "load+build s"),
                                ("weights_gib", "weights GiB"), ("peak_gib", "peak RSS GiB"),
                                ("peak_over_weights", "peak/weights"), ("after_gib", "resident after GiB")])
-    for r in results:
-        if "error" in r:
-            text += f"\n\nERROR in {r['format']} {r['dtype']}: {r['error']}"
+    text += common.error_lines(results, lambda r: f"{r['format']} {r['dtype']}")
     common.emit(result, text, args.json_out)
 
 

@@ -158,26 +158,6 @@ def configurations(args) -> list[dict]:
     return specs
 
 
-def comparisons(results: list[dict]) -> list[dict]:
-    out, groups = [], {}
-    for r in results:
-        if "error" not in r:
-            groups.setdefault((r["frames"], r["height"], r["width"]), []).append(r)
-    for size, rows in groups.items():
-        ref = next((r for r in rows if r["impl"] == "official"), None)
-        ours32 = next((r for r in rows if r["impl"] == "ours" and r["dtype"] == "fp32"), None)
-        for r in rows:
-            if r["impl"] == "official":
-                continue
-            for base in (ref, ours32):
-                if base is None or base is r:
-                    continue
-                diff = common.compare(torch.load(r["save"]), torch.load(base["save"]))
-                out.append({"size": "x".join(map(str, size)), "run": label(r), "against": label(base),
-                            "time_ratio": r["min_s"] / base["min_s"], **diff})
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser)
@@ -196,7 +176,7 @@ def main() -> None:
                                                                 "width")}
                                | {"ab": True, "rounds": args.ab, "official": args.official, "impl": "ab", "dtype": "-"})
     results = [common.run_worker(__file__, spec) for spec in specs]
-    comps = comparisons(results)
+    comps = common.comparisons(results, label)
     result = {"benchmark": "vae_decode", "model": "VideoCrafter2 VAE (random weights)", "command": " ".join(sys.argv),
               "machine": common.machine_info(args.device), "results": results, "comparisons": comps}
     if ab is not None:
@@ -207,16 +187,12 @@ def main() -> None:
                                ("cpu_min_s", "min CPU s"), ("tflops_per_s", "TFLOP/s"), ("weights_gib", "weights GiB"),
                                ("peak_gib", "peak-base GiB"), ("peak_over_weights", "peak/weights")])
     if comps:
-        text += "\n\n" + common.table(comps, [("size", "size"), ("run", "run"), ("against", "against"),
-                                              ("time_ratio", "time ratio"), ("max_abs", "max|diff|"),
-                                              ("max_abs_rel", "max|diff|/max|ref|"), ("rel_rms", "rel RMS")])
+        text += "\n\n" + common.table(comps, common.COMPARISON_COLUMNS)
     if ab is not None and "ab" in ab:
         text += "\n\n" + common.interleaved_table(ab, args.ab)
     elif ab is not None:
         results.append(ab)
-    for r in results:
-        if "error" in r:
-            text += f"\n\nERROR in {label(r)}: {r['error']}"
+    text += common.error_lines(results, label)
     common.emit(result, text, args.json_out)
 
 

@@ -306,6 +306,38 @@ def compare(actual: torch.Tensor, reference: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- the official code
 
 
+def comparisons(results: list[dict], label) -> list[dict]:
+    """Output differences and time ratios of each of our runs against the official fp32 run and
+    against our plain fp32 run (`label(r) == "ours fp32"`), per latent size."""
+    out, groups = [], {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault((r["frames"], r["height"], r["width"]), []).append(r)
+    for size, rows in groups.items():
+        ref = next((r for r in rows if r["impl"] == "official"), None)
+        ours = [r for r in rows if r["impl"] == "ours" and r["dtype"] == "fp32"]
+        ours32 = next((r for r in ours if label(r) == "ours fp32"), ours[0] if ours else None)
+        for r in rows:
+            if r["impl"] == "official":
+                continue
+            for base in (ref, ours32):
+                if base is None or base is r:
+                    continue
+                diff = compare(torch.load(r["save"]), torch.load(base["save"]))
+                out.append({"size": "x".join(map(str, size)), "run": label(r), "against": label(base),
+                            "time_ratio": r["min_s"] / base["min_s"], **diff})
+    return out
+
+
+COMPARISON_COLUMNS = [("size", "size"), ("run", "run"), ("against", "against"), ("time_ratio", "time ratio"),
+                      ("max_abs", "max|diff|"), ("max_abs_rel", "max|diff|/max|ref|"), ("rel_rms", "rel RMS")]
+
+
+def error_lines(results: list[dict], label) -> str:
+    """One 'ERROR in <run>: ...' paragraph per failed worker run."""
+    return "".join(f"\n\nERROR in {label(r)}: {r['error']}" for r in results if "error" in r)
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
