@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vc_model
 from vc_model.config import TextEncoderConfig
 from vc_model.text_encoder import EOT_TOKEN, SOT_TOKEN, TextEncoder, tokenize
 
@@ -14,17 +15,9 @@ PREFIX = "cond_stage_model.model."
 
 
 def config_from_arch(arch: dict) -> TextEncoderConfig:
-    """TextEncoderConfig from an open_clip model config dict (`embed_dim`, `text_cfg`)."""
-    text = arch["text_cfg"]
-    return TextEncoderConfig(
-        width=text["width"],
-        heads=text["heads"],
-        layers=text["layers"],
-        context_length=text.get("context_length", 77),
-        vocab_size=text.get("vocab_size", 49408),
-        mlp_ratio=text.get("mlp_ratio", 4.0),
-        embed_dim=arch["embed_dim"],
-    )
+    """TextEncoderConfig of the fixture's tiny open_clip arch, read as the official config does."""
+    params = {"cond_stage_config": {"params": {"arch": "fixture-arch", "layer": "penultimate"}}}
+    return vc_model.config_from_official(params, open_clip_archs={"fixture-arch": arch}).text_encoder
 
 
 @pytest.fixture(scope="module")

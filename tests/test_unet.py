@@ -1,5 +1,6 @@
 """UNet3D against the official golden fixtures and the released checkpoints' key manifests."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from vc_model.attention import Attention, SpatialTransformer, TemporalTransformer, relative_position_attention
+import vc_model
 from vc_model.config import RELEASES, UNetConfig
 from vc_model.unet import UNet3D
 
@@ -16,21 +18,8 @@ INTERMEDIATES = ["time_embed", "fps_embedding", "input_blocks.0", "init_attn", "
 
 
 def unet_config(params: dict, **changes) -> UNetConfig:
-    """UNetConfig from an official `unet_config.params` dict."""
-    cfg = UNetConfig(
-        in_channels=params["in_channels"], out_channels=params["out_channels"],
-        model_channels=params["model_channels"], channel_mult=tuple(params["channel_mult"]),
-        attention_resolutions=tuple(params["attention_resolutions"]),
-        num_res_blocks=params["num_res_blocks"], num_head_channels=params["num_head_channels"],
-        context_dim=params["context_dim"], transformer_depth=params.get("transformer_depth", 1),
-        temporal_length=params.get("temporal_length", 16),
-        temporal_conv=params.get("temporal_conv", False),
-        relative_position=params.get("use_relative_position", False),
-        fps_cond=params.get("fps_cond", False),
-        image_attention=params.get("use_image_attention", False),
-        init_attn=params.get("addition_attention", False),
-    )
-    return UNetConfig(**{**cfg.__dict__, **changes})
+    """UNetConfig from an official `unet_config.params` dict, with optional field changes."""
+    return replace(vc_model.config_from_official({"unet_config": {"params": params}}).unet, **changes)
 
 
 def load_case(case: str):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file
 
+import vc_model
 from vc_model.config import VAEConfig
 from vc_model.vae import GroupNorm, VideoVAE, upsample_conv
 
@@ -17,15 +18,9 @@ PREFIX = "first_stage_model."
 
 
 def vae_config(meta: dict) -> VAEConfig:
-    """VAEConfig from the fixture JSON's official first_stage_config (until config_from_official)."""
-    params = meta["first_stage_config"]["params"]
-    dd = params["ddconfig"]
-    return VAEConfig(
-        ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-        attn_resolutions=tuple(dd["attn_resolutions"]), resolution=dd["resolution"],
-        in_channels=dd["in_channels"], out_ch=dd["out_ch"], z_channels=dd["z_channels"],
-        embed_dim=params["embed_dim"], double_z=dd["double_z"], scale_factor=meta["scale_factor"],
-    )
+    """VAEConfig from the fixture JSON's official first_stage_config."""
+    params = {"first_stage_config": meta["first_stage_config"], "scale_factor": meta["scale_factor"]}
+    return vc_model.config_from_official(params).vae
 
 
 def assert_close(out, ref, rel=1e-4, atol=1e-4):
