@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -98,7 +98,8 @@ def build(state_dict: Mapping[str, torch.Tensor], config: ModelConfig | None = N
             "or image encoder keys were found."
         )
     if present["image_encoder"] and config.image_encoder is not None and groups["image_proj"]:
-        config = config.replace(image_encoder=_with_resampler(config, state_dict))
+        # The official code fixes the resampler's sizes in code; the weights say what they are.
+        config = config.replace(image_encoder=replace(config.image_encoder, resampler=detect_resampler(state_dict)))
     wanted = {name: getattr(config, name) for name in present if present[name]}
     for name, part in wanted.items():
         if part is None:
@@ -133,12 +134,6 @@ def load(path, dtype: torch.dtype = torch.float32, device: str | torch.device = 
          config: ModelConfig | None = None) -> Bundle:
     """Read a checkpoint file and build it, keeping about one copy of the weights in memory."""
     return build(lazy_state_dict(path), config=config, dtype=dtype, device=device)
-
-
-def _with_resampler(config: ModelConfig, state_dict) -> object:
-    from dataclasses import replace
-
-    return replace(config.image_encoder, resampler=detect_resampler(state_dict))
 
 
 def _check_extra_keys(state_dict, groups, config: ModelConfig) -> None:
