@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS
+from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_DTYPES, SAFETENSORS_EXTENSIONS
 
 CHECKPOINT_EXTENSIONS = PICKLE_EXTENSIONS + SAFETENSORS_EXTENSIONS
 MAX_FRAMES = 256
@@ -342,10 +342,7 @@ def _shapes_and_dtypes(path: Path, state_dict) -> dict:
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-             "U8": torch.uint8, "BOOL": torch.bool}
-    return table.get(name, torch.uint8)
+    return SAFETENSORS_DTYPES.get(name, torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------
