@@ -209,7 +209,7 @@ def test_headless_command_names_the_damaged_tensor(t2v, tmp_path, capsys):
     path = tmp_path / "damaged.ckpt"
     torch.save({"state_dict": damaged(t2v, key, half(0))}, path)
     for argv in (["generate", "a corgi", "--ckpt", path, "--out", tmp_path / "x.mp4", "--steps", "1"],
-                 ["convert", path, tmp_path / "x.safetensors"]):
+                 ["convert", path, tmp_path / "x.safetensors"], ["info", path]):
         code, err = _cli(capsys, *argv)
         assert code == 2, err
         assert f"'{key}' has shape [16, 4, 3, 3] where {REST} needs [32, 4, 3, 3]" in err and "Traceback" not in err
