@@ -240,3 +240,17 @@ def test_loader_validation_names_the_damaged_tensor_from_the_header(t2v, tmp_pat
     assert message.startswith(f"In 'damaged{suffix}', tensor '{key}' has shape [16, 4, 3, 3] where {REST} needs "
                               "[32, 4, 3, 3]; tensor 'first_stage_model.encoder.conv_in.bias' is stored as int32")
     assert "damaged or was modified" in message and "num_groups" not in message
+
+
+def test_a_sum_that_only_overflows_is_no_warning(caplog):
+    """The scan sums each tensor in its own dtype; fp16 sums past 65504 of finite values are ruled out."""
+    from vc_model.integrity import FiniteScan
+
+    large = torch.full((100,), 1000.0)
+    assert torch.isinf(large.half().sum())
+    scan = FiniteScan()
+    scan.add("large", large.half(), large)
+    scan.add("now", large.half(), large, now=True)
+    with caplog.at_level(logging.WARNING, logger="vc_model"):
+        assert scan.warn({"large": large}) == {}
+    assert caplog.text == ""

@@ -211,9 +211,8 @@ def assign_weights(module: nn.Module, names: dict[str, str], state_dict, dtype, 
     back as soon as it has been copied, so peak memory is the built weights plus one tensor. A
     tensor that needs no copy (same dtype, CPU) stays a view of the file and is paged in on use.
 
-    Every tensor's values are summed on its way in (`FiniteScan`); NaN or infinite values are
-    logged as one warning naming the tensors. A view is read by that sum, so its pages are given
-    back too."""
+    Every tensor is summed on its way in (`FiniteScan`); NaN or infinite values are logged as one
+    warning naming the tensors. A view is read by that sum, so its pages are given back too."""
     on_meta = str(device) == "meta"
     release = getattr(state_dict, "release", None)
     scan = FiniteScan()

@@ -4,7 +4,7 @@ A damaged download or a hand-edited file usually differs from the model it claim
 tensors. `detect_config` reads every size by majority, so such a tensor does not change the detected
 model; `tensor_problem` then names it, with its shape and the shape the model needs, before anything
 is built. Values are checked for NaN and infinity by `FiniteScan` while each tensor is copied into
-its module anyway (one reduction per tensor, no extra copy and no synchronisation until the end).
+its module anyway (one sum per tensor in its own dtype, no extra copy, no synchronisation until the end).
 """
 from __future__ import annotations
 
@@ -62,29 +62,30 @@ def tensor_problem(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str
 class FiniteScan:
     """Finds NaN and infinite values in tensors as they are copied, for a warning naming them.
 
-    `add` queues one float32 sum per tensor (NaN and inf propagate into it; no mask, no copy, and no
-    reference to the tensor is kept), and `warn` reads all sums at once, so a GPU load synchronises
-    once. Only the tensors whose sum is not finite are then looked at again in the file, which tells
+    `add` queues each tensor's sum, taken in its own dtype (NaN and infinities propagate into it; the
+    fastest full read there is: no mask, no copy), and `warn` reads all sums at once, so a GPU load
+    synchronises once. Only the few tensors whose sum is not finite are looked at again: the copy, to
+    rule out a sum that merely overflowed (fp16 holds 65504 at most), then the file's tensor, which tells
     values broken in the file from values the target dtype cannot hold (finite in the file, infinite
     once cast, e.g. to fp16).
     """
 
     def __init__(self):
-        self._sums: list[tuple[str, torch.Tensor]] = []
+        self._sums: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, sum, scanned tensor)
         self._found: dict[str, int] = {}
 
     def add(self, key: str, copy: torch.Tensor, original: torch.Tensor, now: bool = False) -> None:
         """Queue `copy` (made from `original`, the file's tensor). A float8 copy saturates infinities,
-        so its original is summed instead. `now` judges it at once (for callers that do not keep the
+        so its original is scanned instead. `now` judges it at once (for callers that do not keep the
         originals, such as the converter; the originals must be on the CPU)."""
         tensor = original if copy.element_size() == 1 else copy
         if not tensor.dtype.is_floating_point or tensor.is_meta or not tensor.numel():
             return
         # float8 has few reduction kernels: widen it (a temporary of one tensor)
-        total = (tensor if tensor.element_size() > 1 else tensor.half()).sum(dtype=torch.float32)
+        total = (tensor if tensor.element_size() > 1 else tensor.half()).sum().float()
         if not now:
-            self._sums.append((key, total))
-        elif not bool(total.isfinite()):
+            self._sums.append((key, total, tensor))
+        elif not bool(total.isfinite()) and _non_finite(tensor):
             self._found[key] = _non_finite(original)
 
     def warn(self, source: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
@@ -92,13 +93,14 @@ class FiniteScan:
         judged at once) to the file's tensors. Returns {key: NaN/inf values in the file (0: they
         appeared in the cast)}, and starts over."""
         flagged, self._found = self._found, {}
-        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-        for key, total in self._sums:  # float8 loads sum their originals on the CPU, the rest where they went
-            by_device.setdefault(total.device, []).append((key, total))
+        by_device: dict[torch.device, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for entry in self._sums:  # float8 loads scan their originals on the CPU, the rest where they went
+            by_device.setdefault(entry[1].device, []).append(entry)
         self._sums = []
-        for sums in by_device.values():
-            finite = torch.stack([total for _, total in sums]).isfinite().tolist()  # one synchronisation
-            flagged.update({key: _non_finite(source[key]) for (key, _), ok in zip(sums, finite) if not ok})
+        for queued in by_device.values():
+            finite = torch.stack([total for _, total, _ in queued]).isfinite().tolist()  # one synchronisation
+            flagged.update({key: _non_finite(source[key]) for (key, _, tensor), ok in zip(queued, finite)
+                            if not ok and _non_finite(tensor)})
         if not flagged:
             return flagged
         broken = [f"'{key}' ({count} value{'s' if count > 1 else ''})" for key, count in flagged.items() if count]
