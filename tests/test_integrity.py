@@ -71,6 +71,9 @@ def refusal(state) -> str:
     ("cond_stage_model.model.positional_embedding", longer),
     ("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight", half(0)),
     ("alphas_cumprod", half(0)),
+    ("scale_arr", half(0)),
+    ("scale_arr", lambda t: torch.cat([t, t])),
+    ("scale_arr", lambda t: t[None]),
 ])
 def test_one_tensor_of_the_wrong_shape_is_named_with_the_shape_the_rest_implies(t2v, key, change):
     bad = damaged(t2v, key, change)
@@ -141,7 +144,7 @@ def test_sizes_no_module_can_have_are_a_sentence_not_a_layer_error():
 
 
 @pytest.mark.parametrize("key", [U + "input_blocks.3.0.in_layers.2.weight", "first_stage_model.quant_conv.bias",
-                                 "betas"])
+                                 "betas", "scale_arr"])
 def test_an_integer_tensor_is_named(t2v, key):
     bad = damaged(t2v, key, lambda t: (t * 100).to(torch.int64))
     message = refusal(bad)

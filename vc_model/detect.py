@@ -238,7 +238,8 @@ def _detect_image(groups, state_dict) -> ImageEncoderConfig:
     layers = _indices(clip, r"transformer\.resblocks\.(\d+)\.")
     width = _vision_width(sizes, layers)
     image_size = ImageEncoderConfig().image_size
-    grid = math.isqrt(sizes.shape("positional_embedding")[0] - 1) if sizes.has("positional_embedding") else 0
+    tokens = sizes.shape("positional_embedding")[:1] if sizes.has("positional_embedding") else ()
+    grid = math.isqrt(tokens[0] - 1) if tokens and tokens[0] > 1 else 0
     patch = sizes.vote(("conv1.weight", 2), ("conv1.weight", 3), *([image_size // grid] if grid else []))
     text = TextEncoderConfig(layers=0)
     if "embedder.model.token_embedding.weight" in leftovers:
@@ -303,27 +304,32 @@ def _detect_schedule(state_dict: Mapping[str, torch.Tensor], buffers) -> Schedul
     timesteps = Sizes(state_dict).vote(*lengths) if lengths else default.timesteps
     start, end = default.linear_start, default.linear_end
     betas_ok = "betas" in state_dict and tuple(state_dict["betas"].shape) == (timesteps,)  # else damaged: named later
-    if betas_ok and not state_dict["betas"].is_meta:
+    if betas_ok and not state_dict["betas"].is_meta and state_dict["betas"].dtype.is_floating_point:
         betas, tol, digits = _values(state_dict["betas"])
         if not math.isclose(betas[0], start, rel_tol=tol) or not math.isclose(betas[-1], end, rel_tol=tol):
             start, end = round(betas[0], digits + 2), round(betas[-1], digits + 2)
     if "scale_arr" not in state_dict:
         return ScheduleConfig(timesteps=timesteps, linear_start=start, linear_end=end, use_scale=False)
-    if state_dict["scale_arr"].is_meta:  # shapes only (a manifest): the releases' values by length
-        fix = state_dict["scale_arr"].shape[0] == timesteps
+    scale = state_dict["scale_arr"]
+    if scale.is_meta or not scale.dtype.is_floating_point or not scale.numel():
+        # shapes only (a manifest), or values that cannot be read (damaged): the releases' values by length
+        fix = scale.numel() == timesteps
         return ScheduleConfig(timesteps=timesteps, use_scale=True, scale_b=0.3 if fix else 0.7, fix_scale_bug=fix)
-    arr, tol, digits = _values(state_dict["scale_arr"])
+    arr, tol, digits = _values(scale)
     mid_step = sum(1 for value in arr if abs(value - arr[-1]) > 1e-6) + 1  # the ramp's steps exceed any rounding
+    fix = len(arr) == timesteps
+    if not fix and len(arr) != mid_step + timesteps:  # a length no schedule has (damaged): the releases' ramp
+        mid_step = default.mid_step
     return ScheduleConfig(timesteps=timesteps, linear_start=start, linear_end=end, use_scale=True,
                           scale_a=round(arr[0], digits), scale_b=round(arr[-1], digits), mid_step=mid_step,
-                          fix_scale_bug=len(arr) == timesteps)
+                          fix_scale_bug=fix)
 
 
 def _values(buffer: torch.Tensor) -> tuple[list[float], float, int]:
     """A buffer's values, the relative tolerance its dtype keeps and the decimals worth reading
     (6 for float32; 3 for float16; 2 for bfloat16)."""
     eps = torch.finfo(buffer.dtype).eps if buffer.dtype.is_floating_point else 0.0
-    return buffer.double().tolist(), max(1e-4, 2 * eps), min(6, int(-math.log10(eps))) if eps else 6
+    return buffer.double().flatten().tolist(), max(1e-4, 2 * eps), min(6, int(-math.log10(eps))) if eps else 6
 
 
 # --------------------------------------------------------------------------------------------
