@@ -151,11 +151,13 @@ def _detect_unet(keys: Mapping[str, str], sizes: Sizes) -> UNetConfig:
         channel_mult.append(width // model_channels)
         if first + "1.norm.weight" in keys:
             attention_resolutions.append(2 ** level)
-    spatial = [k for k in keys if ".1.transformer_blocks." in k and k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    spatial = [k for k in keys if ".1.transformer_blocks." in k and k.endswith(("attn2.to_k.weight",
+                                                                                  "attn2.to_v.weight"))]
     if not spatial:
         raise KeyError("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     context_dim = sizes.vote(*((k, 1) for k in spatial))
-    tables = [k for k in keys if k.endswith(("relative_position_k.embeddings_table", "relative_position_v.embeddings_table"))]
+    tables = [k for k in keys if k.endswith(("relative_position_k.embeddings_table",
+                                             "relative_position_v.embeddings_table"))]
     init_attn = "init_attn.0.proj_in.weight" in keys
     heads = UNetConfig().init_attn_heads
     if init_attn:
@@ -244,7 +246,8 @@ def _detect_image(groups, state_dict) -> ImageEncoderConfig:
     text = TextEncoderConfig(layers=0)
     if "embedder.model.token_embedding.weight" in leftovers:
         twidth = _text_width(Sizes(state_dict, "embedder.model."), [])
-        embed = state_dict["embedder.model.text_projection"].shape[-1] if "embedder.model.text_projection" in leftovers else twidth
+        projection = "embedder.model.text_projection"
+        embed = state_dict[projection].shape[-1] if projection in leftovers else twidth
         text = TextEncoderConfig(width=twidth, heads=max(1, twidth // TEXT_HEAD_WIDTH), layers=0, embed_dim=embed)
     return ImageEncoderConfig(
         width=width,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -41,21 +43,34 @@ def open_page(url: str, until: str, timeout: float = 180) -> Page:
     executable = chromium()
     assert executable, "no Chromium on PATH"
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="vc-chromium-") as profile:
-        process = subprocess.Popen(
-            [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", f"--remote-debugging-port={port}",
-             f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    profile = tempfile.mkdtemp(prefix="vc-chromium-")
+    process = subprocess.Popen(
+        [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--no-first-run", "--no-default-browser-check", f"--remote-debugging-port={port}",
+         f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return asyncio.run(_drive(port, url, until, timeout))
+    finally:  # Chromium and its helpers: the whole process group it was started in; then its profile
+        _stop(process)
+        for _ in range(10):  # helpers may still write to the profile for a moment
+            shutil.rmtree(profile, ignore_errors=True)
+            if not os.path.exists(profile):
+                break
+            time.sleep(1)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            return asyncio.run(_drive(port, url, until, timeout))
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=20)
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=20)
+            time.sleep(0.5)  # helpers of the group exit after the browser process
+        except subprocess.TimeoutExpired:
+            continue
 
 
 async def _drive(port: int, url: str, until: str, timeout: float) -> Page:
