@@ -28,6 +28,12 @@ COMPONENT_PREFIXES = {
 _ALL_PREFIXES = tuple(COMPONENT_PREFIXES.values()) + ("embedder.model.",)
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+# dtype names of a safetensors header (read without loading any tensor)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class CheckpointError(ValueError):
@@ -334,3 +340,44 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "a standalone VAE file (without the first_stage_model. prefix)"
     sample = ", ".join(keys[:3])
     return f"an unknown model (keys such as {sample})"
+
+
+_BARE_UNET_KEYS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.")
+
+
+def with_unet_prefix(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A U-Net-only file whose keys lack `model.diffusion_model.` (the way U-Nets are often saved on
+    their own), seen under the official names; any other state dict is returned as it is."""
+    keys = list(state_dict)
+    if any(k.startswith(_ALL_PREFIXES) for k in keys) or not any(k.startswith(_BARE_UNET_KEYS) for k in keys):
+        return state_dict
+    return PrefixedStateDict(state_dict, COMPONENT_PREFIXES["unet"])
+
+
+class PrefixedStateDict(Mapping):
+    """Another mapping's tensors under `prefix + key`, without copying; `release` is passed on."""
+
+    def __init__(self, inner: Mapping[str, torch.Tensor], prefix: str):
+        self._inner, self._prefix = inner, prefix
+
+    def _own(self, key: str) -> str:
+        if not isinstance(key, str) or not key.startswith(self._prefix):
+            raise KeyError(key)
+        return key[len(self._prefix):]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._inner[self._own(key)]
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key.startswith(self._prefix) and key[len(self._prefix):] in self._inner
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._prefix + k for k in self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def release(self, key: str) -> None:
+        release = getattr(self._inner, "release", None)
+        if release is not None:
+            release(self._own(key))
