@@ -173,11 +173,13 @@ def convert_checkpoint(
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             for done, (key, out_dtype) in enumerate(plan, 1):
-                # pop from a loaded dict so the original is released as soon as it is written
-                tensor = state_dict.pop(key) if isinstance(state_dict, dict) else state_dict[key]
-                tensor = tensor.to(device="cpu", dtype=out_dtype).contiguous()
+                tensor = state_dict[key].to(device="cpu", dtype=out_dtype).contiguous()
                 checksums[key] = _write_tensor(f, tensor)
                 del tensor
+                # written: give back the source's file pages, and drop a loaded dict's reference
+                state_dict.release(key)
+                if isinstance(state_dict, dict):
+                    del state_dict[key]
                 if progress is not None:
                     progress(done, len(plan))
             f.flush()
