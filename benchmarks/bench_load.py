@@ -14,12 +14,14 @@ the tiny model, so thread pools and library state exist: the baseline), after th
 U-Net forward of x[2,4,8,16,16] (batch 2 = cond + uncond) preceded by one read of every weight (as a
 generation reads the text encoder and the VAE too; weights left as views of the file are resident from
 then on). Peaks are VmHWM above the baseline, over the load and over the read + forward, divided by the
-bytes of the built weights in the target dtype. Files are read warm from the page cache (it is not
+bytes of the built weights in the target dtype. Last, glibc's malloc_trim(0) shows how much of RssAnon
+after the forward is free blocks the allocator keeps rather than data still held. Files are read warm from the page cache (it is not
 dropped: other work shares this machine), so times are CPU-bound, not disk-bound.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import sys
 import time
@@ -39,6 +41,16 @@ MOMENTS = ("libraries", "built", "forward")
 def _memory() -> dict[str, int]:
     return {"rss": common.rss_bytes(), "anon": common._status_kb("RssAnon") * 1024,
             "file": common._status_kb("RssFile") * 1024}
+
+
+def _trimmed() -> dict[str, int] | None:
+    """Memory after glibc's malloc_trim(0), which returns the free blocks it keeps in its heaps: what
+    of RssAnon is the allocator's cache rather than data still held (None without glibc)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return _memory()
 
 
 def _read(spec: dict, dtype: torch.dtype):
@@ -78,6 +90,8 @@ def worker(spec: dict) -> dict:
         common.sync(device)
         forward_s = time.perf_counter() - start
     memory["forward"] = _memory()
+    del x, context
+    memory["trimmed"] = _trimmed()
     return {"load_s": load_s, "forward_s": forward_s, "weights_bytes": weights, "memory": memory,
             "load_peak_over_weights": (loading.peak - base) / weights,
             "inference_peak_over_weights": (max(inference.peak, loading.peak) - base) / weights,
@@ -113,15 +127,16 @@ def main() -> None:
               "command": " ".join(sys.argv), "machine": common.machine_info(device), "results": results}
     label = lambda r: f".{r['format']} -> {r['dtype']}, {r['reader']}"  # noqa: E731
     rows = [{**r, "run": label(r), "weights_gib": r["weights_bytes"] / GiB,
-             **{f"{m}_{k}": r["memory"][m][k] / GiB for m in MOMENTS for k in ("rss", "anon", "file")}}
+             **{f"{m}_{k}": r["memory"][m][k] / GiB for m in MOMENTS for k in ("rss", "anon", "file")},
+             "trimmed_anon": r["memory"]["trimmed"]["anon"] / GiB if r["memory"].get("trimmed") else None}
             for r in results if "error" not in r]
     text = common.table(rows, [("run", "file -> dtype, reader"), ("load_s", "load+build s"),
                                ("weights_gib", "weights GiB"), ("load_peak_over_weights", "load peak/weights"),
                                ("inference_peak_over_weights", "inference peak/weights"),
                                ("held_over_weights", "held after/weights")])
-    text += "\n\nRSS / RssAnon / RssFile GiB at each moment:\n"
+    text += "\n\nRSS / RssAnon / RssFile GiB at each moment (and RssAnon once malloc_trim returned glibc's free blocks):\n"
     text += common.table(rows, [("run", "file -> dtype, reader")] + [
-        (f"{m}_{k}", f"{m} {k}") for m in MOMENTS for k in ("rss", "anon", "file")])
+        (f"{m}_{k}", f"{m} {k}") for m in MOMENTS for k in ("rss", "anon", "file")] + [("trimmed_anon", "trimmed anon")])
     text += common.error_lines(results, label)
     common.emit(result, text, args.json_out)
 
