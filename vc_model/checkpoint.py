@@ -135,8 +135,9 @@ class FilePages:
     wholly inside the tensor that lie in a mapping of this very file (checked against /proc/self/maps
     by inode) and that were never written (checked in /proc/self/pagemap) are dropped: for those, a
     later read faults the same bytes back in from the file, so no value ever changes. A tensor
-    changed in place keeps its pages. Elsewhere than Linux this does nothing: the copies are
-    correct, and the file's pages stay mapped until the last tensor viewing the file is freed.
+    changed in place keeps its pages. Elsewhere than Linux (or where /proc/self/pagemap cannot be
+    read) this does nothing: the copies are correct, and the file's pages stay mapped until the last
+    tensor viewing the file is freed.
     """
 
     def __init__(self, path: str):
