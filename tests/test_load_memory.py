@@ -32,14 +32,24 @@ def _config():
     return cfg.replace(unet=replace(cfg.unet, model_channels=64))
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("load_memory")
-    state = vc_model.random_state_dict(_config(), seed=3)
-    st, ckpt = tmp / "small.safetensors", tmp / "small.ckpt"
+def _write(folder, state) -> dict:
+    st, ckpt = folder / "small.safetensors", folder / "small.ckpt"
     save_file(state, st)
     torch.save({"state_dict": state}, ckpt)
-    return state, {"safetensors": st, "ckpt": ckpt}
+    return {"safetensors": st, "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    state = vc_model.random_state_dict(_config(), seed=3)
+    return state, _write(tmp_path_factory.mktemp("load_memory"), state)
+
+
+@pytest.fixture(scope="module")
+def half_files(files, tmp_path_factory):
+    """The same model stored in float16 (schedule buffers stay float32, as in converted files)."""
+    state = {k: v.half() if "." in k else v for k, v in files[0].items()}
+    return state, _write(tmp_path_factory.mktemp("load_memory_fp16"), state)
 
 
 def _resident_pages(start: int, end: int) -> int:
@@ -89,6 +99,18 @@ def test_copied_tensors_leave_no_file_pages(files, fmt, reader):
     checked = _check_copies_released(read(paths[fmt]), state, torch.float32)
     assert any(k.startswith(UNET) and k.endswith("in_layers.2.weight") for k in checked), checked
     assert not any(k.startswith("cond_stage_model.") for k in checked)
+
+
+@linux_only
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_half_precision_files_too(half_files, fmt):
+    state, paths = half_files
+    # fp32 from an fp16 file: every tensor is cast.
+    checked = _check_copies_released(vc_model.load_state_dict(paths[fmt]), state, torch.float32)
+    assert "cond_stage_model.model.token_embedding.weight" in checked
+    # fp16 from an fp16 file: only the conv weights are copied.
+    checked = _check_copies_released(vc_model.lazy_state_dict(paths[fmt]), state, torch.float16)
+    assert checked and all(k.startswith(UNET) for k in checked), checked
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
