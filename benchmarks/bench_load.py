@@ -15,8 +15,9 @@ U-Net forward of x[2,4,8,16,16] (batch 2 = cond + uncond) preceded by one read o
 generation reads the text encoder and the VAE too; weights left as views of the file are resident from
 then on). Peaks are VmHWM above the baseline, over the load and over the read + forward, divided by the
 bytes of the built weights in the target dtype. Last, glibc's malloc_trim(0) shows how much of RssAnon
-after the forward is free blocks the allocator keeps rather than data still held. Files are read warm from the page cache (it is not
-dropped: other work shares this machine), so times are CPU-bound, not disk-bound.
+after the forward is free blocks the allocator keeps rather than data still held. Files are read warm
+from the page cache (it is not dropped: other work shares this machine), so times are CPU-bound, not
+disk-bound; under memory pressure the kernel may reclaim clean file pages (fp32 RssFile then drops).
 """
 from __future__ import annotations
 
@@ -134,9 +135,10 @@ def main() -> None:
                                ("weights_gib", "weights GiB"), ("load_peak_over_weights", "load peak/weights"),
                                ("inference_peak_over_weights", "inference peak/weights"),
                                ("held_over_weights", "held after/weights")])
-    text += "\n\nRSS / RssAnon / RssFile GiB at each moment (and RssAnon once malloc_trim returned glibc's free blocks):\n"
+    text += "\n\nRSS / RssAnon / RssFile GiB at each moment, and RssAnon after malloc_trim:\n"
     text += common.table(rows, [("run", "file -> dtype, reader")] + [
-        (f"{m}_{k}", f"{m} {k}") for m in MOMENTS for k in ("rss", "anon", "file")] + [("trimmed_anon", "trimmed anon")])
+        (f"{m}_{k}", f"{m} {k}") for m in MOMENTS for k in ("rss", "anon", "file")]
+        + [("trimmed_anon", "trimmed anon")])
     text += common.error_lines(results, label)
     common.emit(result, text, args.json_out)
 
