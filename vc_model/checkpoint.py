@@ -87,9 +87,11 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         return mapped if isinstance(mapped, MappedStateDict) else MappedStateDict(
             {key: mapped[key] for key in mapped}, mapped.pages)
     out = {}
-    for key in mapped:
+    for key in list(mapped):
         out[key] = mapped[key].to(device)
         mapped.release(key)
+        if isinstance(mapped, dict):  # a pickle read into memory (no mmap) is freed tensor by tensor
+            del mapped[key]
     return out
 
 
