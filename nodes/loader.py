@@ -104,6 +104,14 @@ class VideoCrafterImageEncoder:
         return self._run(grey_images(batch, self.image_size))
 
 
+def _release(state_dict, prefix: str) -> None:
+    """ComfyUI's CLIP and VAE copy their weights into modules of their own: give back the file pages
+    the copies were read from (see `vc_model.checkpoint.FilePages`; values never change)."""
+    for key in state_dict:
+        if key.startswith(prefix):
+            state_dict.release(key)
+
+
 def _tensors(state_dict, prefix: str, dtype, device) -> dict[str, torch.Tensor]:
     """The tensors under `prefix`, without it; NaN/inf values are logged (ComfyUI reads them next anyway)."""
     out, scan = {}, FiniteScan()
@@ -162,14 +170,18 @@ def _clip(state_dict, cfg: TextEncoderConfig) -> comfy.sd.CLIP:
     sizes = clip_text_config(cfg)  # the core SD2 CLIP-H config, sized to this checkpoint's tower
     target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
     params = sum(t.numel() for t in weights.values())
-    return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                         state_dict=weights, parameters=params, model_options={"clip_h_model_config": sizes})
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                        state_dict=weights, parameters=params, model_options={"clip_h_model_config": sizes})
+    _release(state_dict, prefix)
+    return clip
 
 
 def _vae(state_dict, cfg: VAEConfig) -> comfy.sd.VAE:
     weights = _tensors(state_dict, COMPONENT_PREFIXES["vae"], None, "cpu")
     config = vae_config(cfg, VAEConfig())
-    return comfy.sd.VAE(sd=weights, config=config)
+    vae = comfy.sd.VAE(sd=weights, config=config)
+    _release(state_dict, COMPONENT_PREFIXES["vae"])
+    return vae
 
 
 def _image_encoder(state_dict, config: ModelConfig) -> VideoCrafterImageEncoder:
@@ -207,11 +219,16 @@ def load_unet(path: str, weight_dtype: str = "auto"):
 
 
 def load_checkpoint(path: str, weight_dtype: str = "auto"):
-    """-> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE, VideoCrafterImageEncoder or None, ModelConfig)."""
+    """-> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE, VideoCrafterImageEncoder or None, ModelConfig).
+
+    Each weight is held once: the U-Net and the image tower are assigned tensor by tensor (file
+    pages given back after each copy, or the file's pages used as they are). ComfyUI's CLIP and VAE
+    read their whole part of the file before its pages can be given back, so they are built first,
+    while the U-Net does not exist yet: loading then peaks at about the weights held at the end."""
     config = inspect_checkpoint(path)
     state_dict = lazy_state_dict(path)
-    patcher = _model_patcher(state_dict, config, weight_dtype, path)
     clip = _clip(state_dict, config.text_encoder)
     vae = _vae(state_dict, config.vae)
     image_encoder = _image_encoder(state_dict, config) if config.image_encoder is not None else None
+    patcher = _model_patcher(state_dict, config, weight_dtype, path)
     return patcher, clip, vae, image_encoder, config

@@ -210,9 +210,11 @@ def assign_weights(module: nn.Module, names: dict[str, str], state_dict, dtype, 
 
     `names` maps the module's keys to checkpoint keys; the module was built on `meta`.
 
-    When the source is a memory-mapped file (`lazy_state_dict`), a tensor's file pages are given
-    back as soon as it has been copied, so peak memory is the built weights plus one tensor. A
-    tensor that needs no copy (same dtype, CPU) stays a view of the file and is paged in on use.
+    When the source is a memory-mapped file (`lazy_state_dict`, or `load_state_dict` on the CPU), a
+    tensor's file pages are given back as soon as it has been copied (another dtype, channels-last,
+    another device), so each weight is held once and peak memory is the built weights plus one
+    tensor. A tensor that needs no copy (same dtype, CPU) stays a view of the file: its pages are the
+    weight, paged in on use.
 
     Every tensor is summed on its way in (`FiniteScan`); NaN or infinite values are logged as one
     warning naming the tensors. A view is read by that sum, so its pages are given back too."""

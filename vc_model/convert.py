@@ -172,12 +172,15 @@ def convert_checkpoint(
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             for done, (key, out_dtype) in enumerate(plan, 1):
-                # pop from a loaded dict so the original is released as soon as it is written
-                original = state_dict.pop(key) if isinstance(state_dict, dict) else state_dict[key]
+                original = state_dict[key]
                 tensor = original.to(device="cpu", dtype=out_dtype).contiguous()
                 scan.add(key, tensor, original, now=True)
                 checksums[key] = _write_tensor(f, tensor)
                 del tensor, original
+                # written: give back the source's file pages, and drop a loaded dict's reference
+                state_dict.release(key)
+                if isinstance(state_dict, dict):
+                    del state_dict[key]
                 if progress is not None:
                     progress(done, len(plan))
             f.flush()
