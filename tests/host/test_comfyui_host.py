@@ -22,7 +22,8 @@ from harness import Server, comfy_server, error_message, mp4_info, prepare_base,
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 NODE_IDS = ["VideoCrafterCheckpointLoader", "VideoCrafterImageEncode", "VideoCrafterConditioning",
-            "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode", "VideoCrafterEncode"]
+            "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode", "VideoCrafterEncode",
+            "VideoCrafterLoraLoader"]
 WIDTH, HEIGHT, FRAMES = 128, 64, 4  # tiny models: latent 4 x 8 x 16
 PROMPT = "a corgi running on the beach"
 
