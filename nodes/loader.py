@@ -159,7 +159,13 @@ def _vae(state_dict, cfg: VAEConfig) -> VideoCrafterVAE:
 def load_checkpoint(path: str, weight_dtype: str = "auto"):
     """-> (ModelPatcher, comfy.sd.CLIP, VideoCrafterVAE, core ClipVisionModel or None, ModelConfig)."""
     config = inspect_checkpoint(path)
-    state_dict = lazy_state_dict(path)
+    out = build_models(lazy_state_dict(path), config, weight_dtype)
+    logging.info("VideoCrafter: loaded %s (%s)", os.path.basename(path), config.name)
+    return out
+
+
+def build_models(state_dict, config: ModelConfig, weight_dtype: str = "auto"):
+    """load_checkpoint's work on a state dict in the official layout, whose keys and shapes match `config`."""
     load_device = mm.get_torch_device()
     params = _parameter_count(config, (COMPONENT_PREFIXES["unet"], COMPONENT_PREFIXES["image_proj"]))
     dtype, manual_cast = _dtypes(weight_dtype, params, load_device)
@@ -174,8 +180,7 @@ def load_checkpoint(path: str, weight_dtype: str = "auto"):
     clip_vision = load_clip_vision(state_dict, config.image_encoder) if config.image_encoder is not None else None
     model = VideoCrafterModel(model_config, diffusion, _schedule(state_dict, config), clip_vision=clip_vision)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
-    logging.info("VideoCrafter: loaded %s (%s), weights %s, compute %s", os.path.basename(path), config.name, dtype,
-                 manual_cast or dtype)
+    logging.info("VideoCrafter: %s U-Net weights %s, compute %s", config.name, dtype, manual_cast or dtype)
 
     clip = _clip(state_dict, config.text_encoder)
     vae = _vae(state_dict, config.vae)

@@ -138,7 +138,9 @@ def test_core_vae_decode_and_decode_tiled_give_every_frame(server):
     assert len(core) == len(tiled) == len(ours) == FRAMES
     assert all(a.shape == (HEIGHT, WIDTH, 3) for a in core)
     assert all(np.array_equal(a, b) for a, b in zip(core, ours))  # every frame, in order
-    assert max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(tiled, ours)) <= 64  # seams of 64 px tiles
+    # Tiled: seams of 64 px tiles differ, but each frame is its own frame, in order.
+    distance = np.array([[np.abs(a.astype(int) - b.astype(int)).mean() for b in ours] for a in tiled])
+    assert (distance.argmin(axis=1) == np.arange(FRAMES)).all() and distance.diagonal().max() < 16, distance
 
 
 @pytest.mark.parametrize("encoder", ["VAEEncode", "VAEEncodeTiled"])
