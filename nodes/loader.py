@@ -101,7 +101,10 @@ def load_lora_file(name: str) -> dict:
 
 def _release(state_dict, prefix: str) -> None:
     """ComfyUI's CLIP and VAE copy their weights into modules of their own: give back the file pages
-    the copies were read from (see `vc_model.checkpoint.FilePages`; values never change)."""
+    the copies were read from (see `vc_model.checkpoint.FilePages`; values never change). A plain dict
+    in memory (random weights, a caller's own tensors) has no file pages to give back."""
+    if not hasattr(state_dict, "release"):
+        return
     for key in state_dict:
         if key.startswith(prefix):
             state_dict.release(key)
