@@ -112,7 +112,7 @@ def reschedule_noise(noise: torch.Tensor, window: int = DEFAULT_WINDOW, stride: 
     """FreeNoise noise rescheduling. noise [B, C, F, h, w] -> a new tensor of the same shape.
 
     Frames 0..window-1 are kept; then, in order, for i = window, window+stride, ... < F, frames
-    [i, i+stride) become a random permutation (`torch.randperm` from `generator`, on the CPU) of frames
+    [i, i+stride) become a random permutation (`torch.randperm` from `generator`, on its device) of frames
     [i-window, i-window+stride) of the result so far; a last block of r < stride frames is a
     permutation of frames [i-window, i-window+r). The same generator state gives the same result;
     every video of the batch gets the same permutation (as officially).
@@ -122,9 +122,10 @@ def reschedule_noise(noise: torch.Tensor, window: int = DEFAULT_WINDOW, stride: 
         raise ValueError(f"reschedule_noise expects noise [B, C, frames, h, w], got shape {list(noise.shape)}.")
     out = noise.clone()
     frames = out.shape[2]
+    source = generator.device if generator is not None else torch.device("cpu")
     for i in range(window, frames, stride):
         n = min(stride, frames - i)
-        order = torch.randperm(n, generator=generator) + (i - window)
+        order = torch.randperm(n, generator=generator, device=source) + (i - window)
         out[:, :, i:i + n] = out[:, :, order.to(out.device)]
     return out
 
