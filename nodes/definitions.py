@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..vc_model.checkpoint import CheckpointError
 from . import conditioning, loader, sampler, vae_io
 from .ckpt_check import inspect_checkpoint
+from .long_video_nodes import NODES as LONG_VIDEO_NODES
 from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
                     eta_problem, sampler_problem)
 
@@ -239,6 +240,9 @@ class VideoCrafterEncode(io.ComfyNode):
 
 NODES = [VideoCrafterCheckpointLoader, VideoCrafterImageEncode, VideoCrafterConditioning, VideoCrafterSampler,
          VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode]
+
+# long videos (FreeNoise windows, rescheduled noise, prompt travel): nodes/long_video_nodes.py
+NODES += LONG_VIDEO_NODES
 
 
 class VideoCrafterExtension(ComfyExtension):

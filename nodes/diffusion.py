@@ -12,6 +12,7 @@ from ..vc_model.config import ResamplerConfig, UNetConfig
 from ..vc_model.resampler import Resampler
 from ..vc_model.unet import UNet3D
 from .guards import explain_out_of_memory, sampling_oom
+from .long_video_logic import unet_text_arguments, unet_window_arguments
 
 
 class VideoCrafterUNet(UNet3D):
@@ -22,18 +23,23 @@ class VideoCrafterUNet(UNet3D):
         self.image_proj_model = Resampler(resampler) if resampler is not None else None
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor = None, fps=None,
-                clip_tokens: torch.Tensor | None = None, control=None, transformer_options=None, **kwargs):
+                clip_tokens: torch.Tensor | None = None, control=None, transformer_options=None,
+                frame_context: torch.Tensor | None = None, **kwargs):
         """x [B,4,T,h,w]; timesteps [B]; context [B,L,D] text tokens; fps [B] or None; clip_tokens
         [B,N,width] CLIP patch tokens (I2V) -> eps [B,4,T,h,w]. ControlNet/patches are not supported.
+        Long videos: transformer_options' temporal window (VideoCrafter Long Video) and frame_context
+        [B,L,T,D], prompt travel's per-frame tokens (see nodes/long_video_logic.py).
 
         Out-of-memory errors (any sampler) come out as torch.OutOfMemoryError saying what to lower."""
+        options = transformer_options or {}
+        long_video = {**unet_text_arguments(context, frame_context, options), **unet_window_arguments(options)}
         with explain_out_of_memory(lambda: sampling_oom(x.shape, self.dtype)):
-            return self._forward(x, timesteps, context, fps, clip_tokens)
+            return self._forward(x, timesteps, fps, clip_tokens, **long_video)
 
-    def _forward(self, x, timesteps, context, fps, clip_tokens):
+    def _forward(self, x, timesteps, fps, clip_tokens, context, **long_video):
         image_context = None
         if clip_tokens is not None:
             if self.image_proj_model is None:
                 raise ValueError("This VideoCrafter model is text-to-video: it cannot use an image conditioning.")
             image_context = self.image_proj_model(clip_tokens.to(self.dtype))
-        return super().forward(x, timesteps, context, fps=fps, image_context=image_context)
+        return super().forward(x, timesteps, context, fps=fps, image_context=image_context, **long_video)

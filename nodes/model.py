@@ -18,6 +18,7 @@ from ..vc_model.schedule import Schedule
 from . import sigmas as vs
 from .diffusion import VideoCrafterUNet
 from .logic import image_batch_problem, latent_problem, latent_size_problem
+from .long_video_logic import TRAVEL_KEY, frame_context
 
 # Conditioning keys our nodes set (namespaced so other models' conditionings never collide).
 FPS_KEY = "videocrafter_fps"
@@ -125,6 +126,9 @@ class VideoCrafterModel(comfy.model_base.BaseModel):
             if problem:
                 raise ValueError(problem)
             out["clip_tokens"] = comfy.conds.CONDRegular(tokens.to(device))
+        travel = kwargs.get(TRAVEL_KEY)  # prompt travel: per-frame tokens for this latent's frame count
+        if travel is not None:
+            out["frame_context"] = comfy.conds.CONDRegular(frame_context(travel, kwargs["noise"].shape[2]).to(device))
         if self.diffusion_model.fps_embedding is not None:
             fps = kwargs.get(FPS_KEY) or self.release.fps
             out["fps"] = comfy.conds.CONDRegular(torch.tensor([int(fps)], dtype=torch.long, device=device))

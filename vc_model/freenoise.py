@@ -32,7 +32,8 @@ DEFAULT_STRIDE = 4
 PER_FRAME_STEPS = (5, 15, 50)
 
 
-def _check_window(window: int, stride: int) -> None:
+def check_window(window: int, stride: int) -> None:
+    """ValueError with one sentence unless window and stride are whole numbers with 1 <= stride <= window."""
     for name, value in (("window", window), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"The temporal {name} must be a whole number of frames >= 1, got {value!r}.")
@@ -52,7 +53,7 @@ def triangle_weights(n: int) -> list[int]:
 def window_starts(frames: int, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE) -> list[int]:
     """First frame of every window: 0, S, ..., F - W, plus F - W when the stride does not land on it.
     [0] when frames <= window (one window: plain attention)."""
-    _check_window(window, stride)
+    check_window(window, stride)
     if frames <= window:
         return [0]
     starts = list(range(0, frames - window + 1, stride))
@@ -117,7 +118,7 @@ def reschedule_noise(noise: torch.Tensor, window: int = DEFAULT_WINDOW, stride: 
     permutation of frames [i-window, i-window+r). The same generator state gives the same result;
     every video of the batch gets the same permutation (as officially).
     """
-    _check_window(window, stride)
+    check_window(window, stride)
     if noise.ndim != 5:
         raise ValueError(f"reschedule_noise expects noise [B, C, frames, h, w], got shape {list(noise.shape)}.")
     out = noise.clone()

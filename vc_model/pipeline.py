@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import ModelConfig
-from .freenoise import DEFAULT_STRIDE, reschedule_noise, travel_embeddings, travel_segments, window_starts
+from .freenoise import DEFAULT_STRIDE, check_window, reschedule_noise, travel_embeddings, travel_segments
 from .sampling import sample_ddim
 
 
@@ -166,7 +166,7 @@ def generate(
     fps = config.fps if fps is None else fps
     _check_size(config, height, width, frames)
     if temporal_window is not None:
-        window_starts(frames, temporal_window, temporal_stride)  # refuses bad settings before any work
+        check_window(temporal_window, temporal_stride)  # refuses bad settings before any work
 
     travel = None
     if prompt_travel is not None:
