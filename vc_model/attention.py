@@ -9,7 +9,9 @@ Token layouts:
   frames of one video as one long query sequence `b (t h w) c`, so the text/image context is used
   once per video instead of being repeated per frame (same result: every query row attends
   independently to the same keys).
-- TemporalTransformer: spatial positions folded into the batch, `(b h w) t c`.
+  With per-frame context [b, t, L, D] (prompt travel) it runs per frame, `(b t) (h w) c`.
+- TemporalTransformer: spatial positions folded into the batch, `(b h w) t c`. With a FreeNoise
+  window (`vc_model.freenoise`) both of its self-attentions run in overlapping windows of frames.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .freenoise import windowed_attention
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -77,8 +81,10 @@ class Attention(nn.Module):
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
-                 dim_head: int = 64, max_relative_position: int = 0, image_attention: bool = False):
+                 dim_head: int = 64, max_relative_position: int = 0, image_attention: bool = False,
+                 temporal: bool = False):
         super().__init__()
+        self.temporal = temporal  # self-attention over frames: FreeNoise windows apply
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
@@ -97,20 +103,19 @@ class Attention(nn.Module):
             self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
+                image_context: torch.Tensor | None = None, window: tuple[int, int] | None = None) -> torch.Tensor:
         """x [B, N, query_dim]; context [B, L, context_dim] (None: self-attention);
-        image_context [B, M, context_dim] (image branch, only with image_attention) -> [B, N, query_dim]."""
+        image_context [B, M, context_dim] (image branch, only with image_attention) -> [B, N, query_dim].
+        window (temporal layers): FreeNoise's (window, stride) over the N frames, None: all frames."""
         h = self.heads
         context = x if context is None else context
         q = split_heads(self.to_q(x), h)
         k = split_heads(self.to_k(context), h)
         v = split_heads(self.to_v(context), h)
-        if self.relative_position_k is not None:
-            n_q, n_k = q.shape[-2], k.shape[-2]
-            out = relative_position_attention(q, k, v, self.relative_position_k(n_q, n_k),
-                                              self.relative_position_v(n_q, n_k))
+        if self.temporal and window is not None:
+            out = windowed_attention(self.attend, q, k, v, *window)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = self.attend(q, k, v)
         if image_context is not None and self.image_scale != 0:
             if not self.image_attention:
                 raise ValueError("image_context was given but this attention layer has no image branch")
@@ -118,6 +123,14 @@ class Attention(nn.Module):
             v_ip = split_heads(self.to_v_ip(image_context), h)
             out = out + self.image_scale * F.scaled_dot_product_attention(q, k_ip, v_ip)
         return self.to_out(merge_heads(out))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of q [B, H, n, d] to k, v [B, H, m, d] (plus relative positions for n, m)."""
+        if self.relative_position_k is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        return relative_position_attention(q, k, v, self.relative_position_k(n_q, n_k),
+                                           self.relative_position_v(n_q, n_k))
 
 
 class GEGLU(nn.Module):
@@ -169,26 +182,32 @@ class BasicTransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
-                 max_relative_position: int = 0, image_attention: bool = False):
+                 max_relative_position: int = 0, image_attention: bool = False, temporal: bool = False):
         super().__init__()
-        self.attn1 = Attention(dim, None, heads, dim_head, max_relative_position)
+        self.attn1 = Attention(dim, None, heads, dim_head, max_relative_position, temporal=temporal)
         self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, context_dim, heads, dim_head, max_relative_position, image_attention)
+        self.attn2 = Attention(dim, context_dim, heads, dim_head, max_relative_position, image_attention,
+                               temporal=temporal)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
         self.cross = context_dim is not None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
+                image_context: torch.Tensor | None = None, window: tuple[int, int] | None = None) -> torch.Tensor:
         """x [G, S, N, dim]: self-attention over N tokens in each of G*S groups; the cross-attention
-        sees the S*N tokens of a group as one query sequence against context [G, L, D]."""
+        sees the S*N tokens of a group as one query sequence against context [G, L, D], or, with
+        per-frame context [G, S, L, D], each group of N tokens against its own context row.
+        window: FreeNoise (window, stride) of temporal blocks."""
         g, s, n, c = x.shape
-        x = self.attn1(self.norm1(x).view(g * s, n, c)).view(g, s, n, c) + x
-        if self.cross:
+        x = self.attn1(self.norm1(x).view(g * s, n, c), window=window).view(g, s, n, c) + x
+        if self.cross and context.ndim == 4:  # per-frame context (prompt travel)
+            image = None if image_context is None else image_context.repeat_interleave(s, dim=0)
+            h = self.attn2(self.norm2(x).view(g * s, n, c), context.flatten(0, 1), image)
+        elif self.cross:
             h = self.attn2(self.norm2(x).view(g, s * n, c), context, image_context)
         else:
-            h = self.attn2(self.norm2(x).view(g * s, n, c))
+            h = self.attn2(self.norm2(x).view(g * s, n, c), window=window)
         x = h.view(g, s, n, c) + x
         return self.ff(self.norm3(x)) + x
 
@@ -209,7 +228,8 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int,
                 image_context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [(b t), c, h, w]; context [b, L, D]; image_context [b, M, D] or None -> like x."""
+        """x [(b t), c, h, w]; context [b, L, D] or per frame [b, t, L, D]; image_context [b, M, D] or
+        None -> like x."""
         height, width = x.shape[-2:]
         h = rearrange(self.norm(x), "(b t) c h w -> b t (h w) c", t=frames)
         h = self.proj_in(h)
@@ -235,7 +255,7 @@ class TemporalTransformer(nn.Module):
         proj = (lambda i, o: nn.Conv1d(i, o, 1)) if conv_proj else nn.Linear
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, None, max_relative_position)
+            BasicTransformerBlock(inner, heads, dim_head, None, max_relative_position, temporal=True)
             for _ in range(depth))
         self.proj_out = proj(inner, channels)
 
@@ -244,8 +264,8 @@ class TemporalTransformer(nn.Module):
         weight = layer.weight
         return F.linear(x, weight.squeeze(-1) if weight.ndim == 3 else weight, layer.bias)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        """x [(b t), c, h, w] -> same shape."""
+    def forward(self, x: torch.Tensor, frames: int, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """x [(b t), c, h, w] -> same shape. window: FreeNoise's (window, stride) for both self-attentions."""
         height, width = x.shape[-2:]
         # One copy into contiguous tokens [b, (h w), t, c]. Viewed as [b, c, (h w), t] this is a
         # channels-last tensor, so GroupNorm pools each group over all frames and positions in place.
@@ -253,7 +273,7 @@ class TemporalTransformer(nn.Module):
         h = self.norm(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         h = self._project(self.proj_in, h)
         for block in self.transformer_blocks:
-            h = block(h)
+            h = block(h, window=window)
         h = self._project(self.proj_out, h)
         # Residual on 5D views: the sum takes x's memory layout without an extra copy of h.
         h = rearrange(h, "b (h w) t c -> b t c h w", h=height, w=width)

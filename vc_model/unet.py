@@ -17,6 +17,7 @@ from torch import nn
 from .attention import SpatialTransformer, TemporalTransformer
 from .conv import Conv2d, Conv3d
 from .config import UNetConfig
+from .freenoise import DEFAULT_STRIDE, check_window
 
 DEFAULT_FPS = 16  # the official forward's default when no fps is given
 
@@ -130,14 +131,14 @@ class Upsample(nn.Module):
 class Block(nn.ModuleList):
     """A U-Net stage (`TimestepEmbedSequential`): hands each layer the inputs it needs."""
 
-    def forward(self, x, emb, context, image_context, frames):
+    def forward(self, x, emb, context, image_context, frames, window):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb, frames)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, frames, image_context)
             elif isinstance(layer, TemporalTransformer):
-                x = layer(x, frames)
+                x = layer(x, frames, window)
             else:
                 x = layer(x)
         return x
@@ -228,17 +229,28 @@ class UNet3D(nn.Module):
         return emb
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, fps=None,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
+                image_context: torch.Tensor | None = None, temporal_window: int | None = None,
+                temporal_stride: int = DEFAULT_STRIDE, down_context: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, T, h, w] latent video; timesteps [B] or a number; context [B, L, D]
         text tokens; fps None (16), a number or [B] (used only with `fps_cond`); image_context
-        [B, N, D] image tokens (I2V; None: no image branch) -> eps [B, out_channels, T, h, w]."""
+        [B, N, D] image tokens (I2V; None: no image branch) -> eps [B, out_channels, T, h, w].
+
+        Long videos (`vc_model.freenoise`): temporal_window W makes every temporal transformer attend
+        in windows of W frames every temporal_stride frames (FreeNoise; None or T <= W: all frames).
+        context may also be per frame, [B, T, L, D] (prompt travel); down_context ([B, L, D] or
+        [B, T, L, D]; None: context) replaces it in the input and middle blocks."""
         b, _, frames = x.shape[:3]
         dtype, device = self.dtype, x.device
         timesteps = _per_sample(timesteps, b, device)
         if self.fps_embedding is not None:
             fps = _per_sample(DEFAULT_FPS if fps is None else fps, b, device)
         emb = self.embed(timesteps, fps)
-        context = context.to(dtype)
+        window = None
+        if temporal_window is not None:
+            check_window(temporal_window, temporal_stride)
+            window = (temporal_window, temporal_stride)
+        context = _text_context(context, b, frames, "context").to(dtype)
+        down_context = context if down_context is None else _text_context(down_context, b, frames, "down_context").to(dtype)
         if image_context is not None:
             if not self.cfg.image_attention:
                 raise ValueError("image_context was given but this U-Net has no image cross-attention")
@@ -247,17 +259,28 @@ class UNet3D(nn.Module):
         # Channels-last throughout: convs run faster, the spatial transformers' token view and the
         # temporal convs' [b, c, t, h, w] view come without copies.
         h = rearrange(x, "b c t h w -> (b t) c h w").to(dtype, memory_format=torch.channels_last)
-        cond = (emb, context, image_context, frames)
+        down = (emb, down_context, image_context, frames, window)
+        up = (emb, context, image_context, frames, window)
         skips = []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, *cond)
+            h = block(h, *down)
             if i == 0 and self.init_attn is not None:
-                h = self.init_attn(h, *cond)
+                h = self.init_attn(h, *down)
             skips.append(h)
-        h = self.middle_block(h, *cond)
+        h = self.middle_block(h, *down)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), *cond)
+            h = block(torch.cat([h, skips.pop()], dim=1), *up)
         return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=frames).contiguous()
+
+
+def _text_context(context: torch.Tensor, batch: int, frames: int, name: str) -> torch.Tensor:
+    """Check text tokens: [B, L, D], or per frame [B, T, L, D] for this latent's T frames."""
+    if context.ndim == 4 and context.shape[1] != frames:
+        raise ValueError(f"{name} has {context.shape[1]} per-frame rows, the latent has {frames} frames.")
+    if context.ndim not in (3, 4) or context.shape[0] != batch:
+        raise ValueError(f"{name} must be [{batch}, tokens, dim] or per frame [{batch}, {frames}, tokens, dim], "
+                         f"got shape {list(context.shape)}.")
+    return context
 
 
 def _per_sample(value, batch: int, device) -> torch.Tensor:
