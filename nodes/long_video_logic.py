@@ -17,11 +17,10 @@ import math
 import torch
 from einops import rearrange
 
-from ..vc_model.freenoise import DEFAULT_STRIDE, DEFAULT_WINDOW, check_window, per_frame_step, travel_embeddings
+from ..vc_model.freenoise import (DEFAULT_STRIDE, DEFAULT_WINDOW, STRIDE_OPTION, WINDOW_OPTION, check_window,
+                                  per_frame_step, travel_embeddings)
 
 TRAVEL_KEY = "videocrafter_prompt_travel"
-WINDOW_OPTION = "temporal_window"
-STRIDE_OPTION = "temporal_stride"
 MAX_WINDOW = 256
 
 

@@ -47,7 +47,7 @@ class ReferenceTemporalAttention(nn.Module):
         super().__init__()
         self.attn, self.window, self.stride = attn, window, stride
 
-    def forward(self, x, context=None, image_context=None, window=None):
+    def forward(self, x, context=None, image_context=None, **ignored):
         a = self.attn
         heads, frames = a.heads, x.shape[1]
         q, k, v = (rearrange(layer(x), "b n (h d) -> (b h) n d", h=heads) for layer in (a.to_q, a.to_k, a.to_v))
@@ -139,15 +139,51 @@ def test_attention_module_windows_match_the_reference_at_several_lengths(vc1):
     for frames, window, stride in [(16, 16, 4), (20, 16, 4), (23, 16, 4), (64, 16, 4), (10, 3, 3)]:
         x = torch.randn(3, frames, attn.to_q.in_features)
         with torch.no_grad():
-            torch.testing.assert_close(attn(x, window=(window, stride)),
+            options = {"temporal_window": window, "temporal_stride": stride}
+            torch.testing.assert_close(attn(x, transformer_options=options),
                                        ReferenceTemporalAttention(attn, window, stride)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_comfyui_transformer_options_carry_the_window(vc1):
+    x, t, context = unet_inputs(10)
+    with torch.no_grad():
+        direct = vc1.unet(x, t, context, fps=8, temporal_window=4, temporal_stride=3)
+        options = vc1.unet(x, t, context, fps=8, transformer_options={"temporal_window": 4, "temporal_stride": 3})
+    assert torch.equal(direct, options)
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["vc2", "vc1-relpos"])
+def test_windows_go_through_the_injected_attention_function(v1):
+    from vc_model.attention import sdpa_attention
+    from vc_model.unet import UNet3D
+
+    config = tiny_config(v1=v1)
+    lengths = []
+
+    def recording(q, k, v, heads, **kwargs):
+        lengths.append((q.shape[0], q.shape[1]))
+        return sdpa_attention(q, k, v, heads, **kwargs)
+
+    weights = {k.removeprefix("model.diffusion_model."): v for k, v in vc_model.random_state_dict(config).items()
+               if k.startswith("model.diffusion_model.")}
+    unet = UNet3D(config.unet, attention=recording).eval()
+    unet.load_state_dict(weights)
+    x, t, context = unet_inputs(10)
+    with torch.no_grad():
+        unet(x, t, context, fps=8, temporal_window=4, temporal_stride=3)
+    # spatial calls batch the 2 x 10 frames (self-attention) or the 2 videos (cross-attention);
+    # temporal calls batch the 2 x h x w positions, with one query per frame
+    temporal = [n for rows, n in lengths if rows not in (2 * 10, 2)]
+    assert len(lengths) > len(temporal)
+    assert set(temporal) == {4}  # every temporal call is one window (with relative positions: same length)
+    assert len(temporal) == 3 * 2 * 8  # windows 0, 3, 6 x 2 self-attentions x 8 temporal transformers
 
 
 def test_spatial_attention_ignores_the_window(vc2):
     attn = next(m for m in vc2.unet.modules() if isinstance(m, Attention) and not m.temporal)
     x = torch.randn(2, 12, attn.to_q.in_features)
     with torch.no_grad():
-        assert torch.equal(attn(x, window=(4, 2)), attn(x))
+        assert torch.equal(attn(x, transformer_options={"temporal_window": 4, "temporal_stride": 2}), attn(x))
 
 
 def test_bad_windows_are_refused_by_the_unet(vc2):
@@ -192,6 +228,22 @@ def test_unet_per_frame_context_and_down_context(vc2):
         torch.testing.assert_close(vc2.unet(x, t, context, fps=8, down_context=context), plain)
     with pytest.raises(ValueError, match="per-frame rows"):
         vc2.unet(x, t, per_frame[:, :4], fps=8)
+
+
+def test_per_frame_context_under_comfyui_attention_patches(vc2):
+    x, t, context = unet_inputs(6)
+    per_frame = torch.randn(2, 6, 7, 64)
+    seen = []
+
+    def attn2_patch(n, context_, value, extra):
+        seen.append(context_.shape)
+        return n, context_, value
+
+    with torch.no_grad():
+        plain = vc2.unet(x, t, per_frame, fps=8)
+        patched = vc2.unet(x, t, per_frame, fps=8, transformer_options={"patches": {"attn2_patch": [attn2_patch]}})
+    torch.testing.assert_close(patched, plain, rtol=1e-4, atol=1e-5)
+    assert seen and all(shape[0] == 2 * 6 for shape in seen)  # one context row per frame
 
 
 # ---- sampler, pipeline, command line ------------------------------------------------------------------------

@@ -25,6 +25,9 @@ import torch
 
 DEFAULT_WINDOW = 16  # frames the models were trained on
 DEFAULT_STRIDE = 4
+# transformer_options keys (ComfyUI's per-call dict, handed down the U-Net) of the temporal window
+WINDOW_OPTION = "temporal_window"
+STRIDE_OPTION = "temporal_stride"
 
 # Official prompt-travel step rule: DDIM step i (0 = the noisiest) of 50 uses the per-frame
 # embeddings in the input and middle blocks when 5 <= i <= 15, the last prompt otherwise.

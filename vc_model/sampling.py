@@ -150,6 +150,7 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     callback: Callable | None = None,
     shape: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
     temporal_window: int | None = None,
     temporal_stride: int = DEFAULT_STRIDE,
     travel_context: torch.Tensor | None = None,
@@ -165,6 +166,8 @@ def sample_ddim(
     fps: None (-> 16), int, or LongTensor [B]. eta scales the per-step noise (official default 1).
     generator: source of the per-step noise, drawn only on steps with sigma > 0.
     callback(i, total, x, pred_x0) runs after every step; raising from it aborts the run.
+    dtype: what the model computes in; its inputs (latent, contexts) are cast to it. None: the
+    model's `dtype` attribute when it has one (`UNet3D.dtype`, its weights' dtype), else the latent's.
     The latent is kept in float32 (half noise is upcast); eps is cast to it.
 
     Long videos (FreeNoise, `vc_model.freenoise`):
@@ -181,14 +184,17 @@ def sample_ddim(
         noise = _randn(tuple(shape), generator, context.device)
     x = noise.float() if noise.dtype in (torch.float16, torch.bfloat16) else noise
     b, device = x.shape[0], x.device
+    dtype = dtype or getattr(model, "dtype", None) or x.dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"sample_ddim: dtype must be a torch.dtype, got {dtype!r}.")
 
     timesteps = ddim_timesteps(steps, schedule.num_timesteps)
     coefficients = ddim_coefficients(schedule, timesteps, eta)
 
     guided = uncond_context is not None and cfg != 1.0
-    context = _batch(context.to(device), b, "context")
+    context = _batch(context.to(device, dtype), b, "context")
     if image_context is not None:
-        image_context = _batch(image_context.to(device), b, "image_context")
+        image_context = _batch(image_context.to(device, dtype), b, "image_context")
     fps_b = _fps_tensor(fps, b, device)
     if guided:
         context = torch.cat([context, _batch(uncond_context.to(context), b, "uncond_context")])
@@ -205,7 +211,7 @@ def sample_ddim(
     total = len(coefficients)
     for i, c in enumerate(coefficients):
         t = torch.full((n,), c.timestep, dtype=torch.long, device=device)
-        x_in = torch.cat([x, x]) if guided else x
+        x_in = (torch.cat([x, x]) if guided else x).to(dtype)
         texts = {"context": context}
         if per_frame is not None:
             texts = {"context": per_frame, "down_context": None if per_frame_step(i, total) else context}
