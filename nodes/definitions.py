@@ -1,14 +1,19 @@
-"""The pack's ComfyUI nodes (V3 API). Each class only declares its inputs and calls a helper module."""
+"""The pack's ComfyUI nodes (V3 API). Each class only declares its inputs and calls a helper module.
+
+Validation attaches each message to the input it is about: ComfyUI files a `validate_inputs` result
+under every input that function takes, and checks the min/max/options of every input it does not take
+itself. So plain ranges are declared on the inputs, and `validate_inputs` takes only the inputs whose
+check a range cannot express (a checkpoint file, sizes that must be multiples of 64, eta's meaning).
+"""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from ..vc_model.checkpoint import CheckpointError
 from . import conditioning, loader, sampler, vae_io
-from .ckpt_check import inspect_checkpoint
+from .ckpt_check import inspect_checkpoint, inspect_unet
 from .long_video_nodes import NODES as LONG_VIDEO_NODES
 from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
-                    eta_problem, sampler_problem)
+                    eta_problem, file_problem)
 
 CATEGORY = "VideoCrafter"
 ImageEncoder = io.Custom("VIDEOCRAFTER_IMAGE_ENCODER")
@@ -40,16 +45,8 @@ class VideoCrafterCheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, ckpt_name, weight_dtype):
-        if weight_dtype is not None and weight_dtype not in loader.WEIGHT_DTYPES:
-            return f"weight_dtype must be one of {', '.join(loader.WEIGHT_DTYPES)}."
-        if ckpt_name is None:  # linked from another node: checked when loading
-            return True
-        try:
-            inspect_checkpoint(loader.checkpoint_path(ckpt_name))
-        except (CheckpointError, FileNotFoundError) as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, ckpt_name):
+        return file_problem(ckpt_name, loader.checkpoint_path, inspect_checkpoint) or True
 
     @classmethod
     def execute(cls, ckpt_name, weight_dtype) -> io.NodeOutput:
@@ -119,8 +116,8 @@ class VideoCrafterConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height, frames, fps, batch_size):
-        return conditioning_problem(width, height, frames, fps, batch_size) or True
+    def validate_inputs(cls, width, height):  # frames, fps, batch_size: ComfyUI checks their min/max
+        return conditioning_problem(width, height, None, None, None) or True
 
     @classmethod
     def execute(cls, positive, negative, width, height, frames, fps, batch_size, model=None) -> io.NodeOutput:
@@ -156,8 +153,8 @@ class VideoCrafterSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, cfg, eta):
-        return sampler_problem(steps, cfg, eta) or True
+    def validate_inputs(cls, eta):  # steps, cfg: ComfyUI checks their min/max
+        return eta_problem(eta) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, eta) -> io.NodeOutput:
@@ -238,8 +235,38 @@ class VideoCrafterEncode(io.ComfyNode):
         return io.NodeOutput({"samples": vae_io.encode(vae, pixels, frames, frames_per_chunk)})
 
 
-NODES = [VideoCrafterCheckpointLoader, VideoCrafterImageEncode, VideoCrafterConditioning, VideoCrafterSampler,
-         VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode]
+class VideoCrafterUNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterUNetLoader",
+            display_name="Load VideoCrafter U-Net",
+            category=CATEGORY,
+            description="Loads a VideoCrafter text-to-video U-Net saved on its own (keys with or without "
+                        "model.diffusion_model., fp32/fp16/bf16), or the U-Net of a full checkpoint. CLIP and VAE "
+                        "come from another loader (see the README).",
+            inputs=[
+                io.Combo.Input("unet_name", options=loader.unet_names(),
+                               tooltip="U-Net file from models/diffusion_models/ (or models/videocrafter/)."),
+                io.Combo.Input("weight_dtype", options=list(loader.WEIGHT_DTYPES), default="auto",
+                               tooltip="Precision of the U-Net weights. auto: ComfyUI's choice for the device "
+                                       "(fp16/bf16 on GPUs, fp32 on CPUs)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The video U-Net, with the schedule of the release it is.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, unet_name):
+        return file_problem(unet_name, loader.unet_path, inspect_unet) or True
+
+    @classmethod
+    def execute(cls, unet_name, weight_dtype) -> io.NodeOutput:
+        model, _ = loader.load_unet(loader.unet_path(unet_name), weight_dtype)
+        return io.NodeOutput(model)
+
+
+NODES = [VideoCrafterCheckpointLoader, VideoCrafterUNetLoader, VideoCrafterImageEncode, VideoCrafterConditioning,
+         VideoCrafterSampler, VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode]
 
 # long videos (FreeNoise windows, rescheduled noise, prompt travel): nodes/long_video_nodes.py
 NODES += LONG_VIDEO_NODES

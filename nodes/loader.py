@@ -26,11 +26,12 @@ except ImportError:  # pragma: no cover - older hosts
     from comfy import sd2_clip
 
 from ..vc_model.build import assign_weights, expected_shapes
-from ..vc_model.checkpoint import COMPONENT_PREFIXES, CheckpointError, lazy_state_dict
+from ..vc_model.checkpoint import COMPONENT_PREFIXES, CheckpointError, lazy_state_dict, with_unet_prefix
 from ..vc_model.config import ModelConfig, TextEncoderConfig, VAEConfig
 from ..vc_model.image_encoder import ImageEncoder
+from ..vc_model.integrity import FiniteScan
 from ..vc_model.schedule import Schedule, schedule_buffer_shapes
-from .ckpt_check import inspect_checkpoint
+from .ckpt_check import inspect_checkpoint, inspect_unet
 from .diffusion import VideoCrafterUNet
 from .guards import explain_out_of_memory
 from .logic import clip_text_config, grey_images, images_to_model, vae_config
@@ -65,6 +66,18 @@ def checkpoint_path(name: str) -> str:
     return path
 
 
+def unet_names() -> list[str]:
+    """Files in models/videocrafter/ and models/diffusion_models/ (videocrafter/ wins on equal names)."""
+    return sorted(set(folder_paths.get_filename_list(FOLDER)) | set(folder_paths.get_filename_list("diffusion_models")))
+
+
+def unet_path(name: str) -> str:
+    path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("diffusion_models", name)
+    if path is None:
+        raise FileNotFoundError(f"'{name}' is in neither models/{FOLDER}/ nor models/diffusion_models/.")
+    return path
+
+
 class VideoCrafterImageEncoder:
     """The I2V checkpoint's CLIP vision tower under model management: IMAGE -> CLIP patch tokens."""
 
@@ -91,12 +104,23 @@ class VideoCrafterImageEncoder:
         return self._run(grey_images(batch, self.image_size))
 
 
+def _release(state_dict, prefix: str) -> None:
+    """ComfyUI's CLIP and VAE copy their weights into modules of their own: give back the file pages
+    the copies were read from (see `vc_model.checkpoint.FilePages`; values never change)."""
+    for key in state_dict:
+        if key.startswith(prefix):
+            state_dict.release(key)
+
+
 def _tensors(state_dict, prefix: str, dtype, device) -> dict[str, torch.Tensor]:
-    out = {}
+    """The tensors under `prefix`, without it; NaN/inf values are logged (ComfyUI reads them next anyway)."""
+    out, scan = {}, FiniteScan()
     for key in state_dict:
         if key.startswith(prefix):
             tensor = state_dict[key]
             out[key[len(prefix):]] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            scan.add(key, out[key[len(prefix):]], tensor)
+    scan.warn(state_dict)
     return out
 
 
@@ -146,14 +170,18 @@ def _clip(state_dict, cfg: TextEncoderConfig) -> comfy.sd.CLIP:
     sizes = clip_text_config(cfg)  # the core SD2 CLIP-H config, sized to this checkpoint's tower
     target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
     params = sum(t.numel() for t in weights.values())
-    return comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                         state_dict=weights, parameters=params, model_options={"clip_h_model_config": sizes})
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                        state_dict=weights, parameters=params, model_options={"clip_h_model_config": sizes})
+    _release(state_dict, prefix)
+    return clip
 
 
 def _vae(state_dict, cfg: VAEConfig) -> comfy.sd.VAE:
     weights = _tensors(state_dict, COMPONENT_PREFIXES["vae"], None, "cpu")
     config = vae_config(cfg, VAEConfig())
-    return comfy.sd.VAE(sd=weights, config=config)
+    vae = comfy.sd.VAE(sd=weights, config=config)
+    _release(state_dict, COMPONENT_PREFIXES["vae"])
+    return vae
 
 
 def _image_encoder(state_dict, config: ModelConfig) -> VideoCrafterImageEncoder:
@@ -168,23 +196,39 @@ def _image_encoder(state_dict, config: ModelConfig) -> VideoCrafterImageEncoder:
     return VideoCrafterImageEncoder(tower.eval().requires_grad_(False), cfg.image_size)
 
 
-def load_checkpoint(path: str, weight_dtype: str = "auto"):
-    """-> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE, VideoCrafterImageEncoder or None, ModelConfig)."""
-    config = inspect_checkpoint(path)
-    state_dict = lazy_state_dict(path)
+def _model_patcher(state_dict, config: ModelConfig, weight_dtype: str, path: str) -> comfy.model_patcher.ModelPatcher:
+    """The MODEL: the U-Net (with the I2V resampler) and the schedule of `config`, in a ModelPatcher."""
     load_device = mm.get_torch_device()
     params = _parameter_count(config, (COMPONENT_PREFIXES["unet"], COMPONENT_PREFIXES["image_proj"]))
     dtype = _weight_dtype(weight_dtype, params, load_device)
 
     model_config = VideoCrafterModelConfig(config)
-    model_config.latent_format = VideoCrafterLatent(config.vae.scale_factor)
+    model_config.latent_format = VideoCrafterLatent((config.vae or VAEConfig()).scale_factor)
     model_config.set_inference_dtype(dtype, None)
     diffusion = _diffusion_model(state_dict, config, dtype, mm.unet_inital_load_device(params, dtype))
     model = VideoCrafterModel(model_config, diffusion, _schedule(state_dict, config))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
     logging.info("VideoCrafter: loaded %s (%s) as %s", os.path.basename(path), config.name, dtype)
+    return patcher
 
+
+def load_unet(path: str, weight_dtype: str = "auto"):
+    """A U-Net-only file (or the U-Net of a full checkpoint) -> (ModelPatcher, ModelConfig)."""
+    config = inspect_unet(path).replace(vae=None, text_encoder=None, image_encoder=None)  # other parts unused
+    return _model_patcher(with_unet_prefix(lazy_state_dict(path)), config, weight_dtype, path), config
+
+
+def load_checkpoint(path: str, weight_dtype: str = "auto"):
+    """-> (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE, VideoCrafterImageEncoder or None, ModelConfig).
+
+    Each weight is held once: the U-Net and the image tower are assigned tensor by tensor (file
+    pages given back after each copy, or the file's pages used as they are). ComfyUI's CLIP and VAE
+    read their whole part of the file before its pages can be given back, so they are built first,
+    while the U-Net does not exist yet: loading then peaks at about the weights held at the end."""
+    config = inspect_checkpoint(path)
+    state_dict = lazy_state_dict(path)
     clip = _clip(state_dict, config.text_encoder)
     vae = _vae(state_dict, config.vae)
     image_encoder = _image_encoder(state_dict, config) if config.image_encoder is not None else None
+    patcher = _model_patcher(state_dict, config, weight_dtype, path)
     return patcher, clip, vae, image_encoder, config

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from .build import build
 from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, CheckpointError, lazy_state_dict
 from .files import atomic_output
+from .integrity import FiniteScan
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -115,12 +117,9 @@ def _check_paths(source: Path, output: Path, force: bool) -> None:
 
 
 def _detect_release(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The release name, or CheckpointError when this is not a VideoCrafter checkpoint."""
-    try:
-        from .detect import detect_config
-    except ImportError:  # pragma: no cover - detect.py is part of the package
-        return None
-    return detect_config(state_dict).name
+    """The release name, or CheckpointError when this is not a VideoCrafter checkpoint or a tensor
+    of it is damaged (a build on `meta` checks every key, shape and dtype without using memory)."""
+    return build(state_dict, device="meta").config.name
 
 
 def convert_checkpoint(
@@ -167,22 +166,27 @@ def convert_checkpoint(
     header = json.dumps({"__metadata__": metadata, **header_entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # data starts 8-byte aligned
 
-    checksums = {}
+    checksums, scan = {}, FiniteScan()
     with atomic_output(output, force=force) as tmp:
         with open(tmp, "wb") as f:
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             for done, (key, out_dtype) in enumerate(plan, 1):
-                # pop from a loaded dict so the original is released as soon as it is written
-                tensor = state_dict.pop(key) if isinstance(state_dict, dict) else state_dict[key]
-                tensor = tensor.to(device="cpu", dtype=out_dtype).contiguous()
+                original = state_dict[key]
+                tensor = original.to(device="cpu", dtype=out_dtype).contiguous()
+                scan.add(key, tensor, original, now=True)
                 checksums[key] = _write_tensor(f, tensor)
-                del tensor
+                del tensor, original
+                # written: give back the source's file pages, and drop a loaded dict's reference
+                state_dict.release(key)
+                if isinstance(state_dict, dict):
+                    del state_dict[key]
                 if progress is not None:
                     progress(done, len(plan))
             f.flush()
             os.fsync(f.fileno())
     del state_dict
+    scan.warn()
 
     if verify:
         verify_safetensors(output, header_entries, checksums)
