@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import conditioning, loader, sampler, vae_io
+from . import conditioning, loader, lora, sampler, vae_io
 from .ckpt_check import inspect_checkpoint, inspect_unet
 from .long_video_nodes import NODES as LONG_VIDEO_NODES
 from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
                     eta_problem, file_problem)
 
 CATEGORY = "VideoCrafter"
-ImageEncoder = io.Custom("VIDEOCRAFTER_IMAGE_ENCODER")
 
 
 class VideoCrafterCheckpointLoader(io.ComfyNode):
@@ -32,15 +31,17 @@ class VideoCrafterCheckpointLoader(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=loader.checkpoint_names(),
                                tooltip="Checkpoint from models/videocrafter/ (or models/checkpoints/)."),
                 io.Combo.Input("weight_dtype", options=list(loader.WEIGHT_DTYPES), default="auto",
-                               tooltip="Precision of the U-Net weights. auto: ComfyUI's choice for the device "
-                                       "(fp16/bf16 on GPUs, fp32 on CPUs)."),
+                               tooltip="Storage precision of the U-Net weights. auto: ComfyUI's choice for the device "
+                                       "(bf16 where supported, else fp16 on GPUs; fp32 on CPUs). fp8 formats halve "
+                                       "fp16's memory and compute in bf16/fp16 by casting (_fast: fp8 matrix "
+                                       "multiplication on GPUs that have it)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The video U-Net (with the image resampler for I2V)."),
                 io.Clip.Output(tooltip="The OpenCLIP-H text encoder (penultimate layer); use CLIP Text Encode."),
                 io.Vae.Output(tooltip="The per-frame KL VAE; use VideoCrafter Decode/Encode."),
-                ImageEncoder.Output(display_name="IMAGE_ENCODER",
-                                    tooltip="The CLIP image encoder of the I2V model (None for text-to-video)."),
+                io.ClipVision.Output(tooltip="The CLIP image encoder of the I2V model, a core CLIP_VISION (None for "
+                                             "text-to-video)."),
             ],
         )
 
@@ -67,7 +68,8 @@ class VideoCrafterImageEncode(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Text conditioning of the prompt (CLIP Text Encode; long prompts "
                                                          "and the empty prompt work, image tokens are kept apart)."),
                 io.Conditioning.Input("negative", tooltip="Text conditioning of the negative (officially the empty prompt)."),
-                ImageEncoder.Input("image_encoder", tooltip="IMAGE_ENCODER output of Load VideoCrafter Checkpoint (I2V model)."),
+                io.ClipVision.Input("image_encoder", tooltip="CLIP_VISION output of Load VideoCrafter Checkpoint (I2V "
+                                                             "model), or ComfyUI's clip_vision_h (the same network)."),
                 io.Image.Input("image", tooltip="The image to animate, any size (squashed to 224x224); alpha is ignored, "
                                              "greyscale is used as grey RGB. One image for every video, or a batch "
                                              "with one image per video (as many as batch_size)."),
@@ -265,8 +267,32 @@ class VideoCrafterUNetLoader(io.ComfyNode):
         return io.NodeOutput(model)
 
 
+class VideoCrafterLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterLoraLoader",
+            display_name="Load VideoCrafter LoRA",
+            category=CATEGORY,
+            description="Applies a U-Net LoRA: ComfyUI/kohya keys (as the core LoraLoader) and PEFT keys "
+                        "(base_model.model.*, e.g. the VADER VideoCrafter2 LoRAs).",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL from Load VideoCrafter Checkpoint."),
+                io.Combo.Input("lora_name", options=loader.lora_names(), tooltip="LoRA file from models/loras/."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="LoRA strength; for a PEFT file whose lora_alpha differs from its rank, "
+                                       "multiply by lora_alpha / r (the file does not hold it)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
+        return io.NodeOutput(lora.apply_lora(model, loader.load_lora_file(lora_name), strength_model))
+
+
 NODES = [VideoCrafterCheckpointLoader, VideoCrafterUNetLoader, VideoCrafterImageEncode, VideoCrafterConditioning,
-         VideoCrafterSampler, VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode]
+         VideoCrafterSampler, VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode, VideoCrafterLoraLoader]
 
 # long videos (FreeNoise windows, rescheduled noise, prompt travel): nodes/long_video_nodes.py
 NODES += LONG_VIDEO_NODES

@@ -14,11 +14,10 @@ import torch
 import comfy.patcher_extension
 import comfy.sample
 
-from ..vc_model.freenoise import reschedule_noise
+from ..vc_model.freenoise import STRIDE_OPTION, WINDOW_OPTION, reschedule_noise
 from .conditioning import videocrafter_model
 from .logic import latent_problem
-from .long_video_logic import (STRIDE_OPTION, TRAVEL_KEY, WINDOW_OPTION, stack_prompt_tokens, travel_prompts,
-                               window_problem)
+from .long_video_logic import TRAVEL_KEY, stack_prompt_tokens, travel_prompts, window_problem
 
 NOISE_WRAPPER = "videocrafter_freenoise_noise"
 

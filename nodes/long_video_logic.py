@@ -17,8 +17,7 @@ import math
 import torch
 from einops import rearrange
 
-from ..vc_model.freenoise import (DEFAULT_STRIDE, DEFAULT_WINDOW, STRIDE_OPTION, WINDOW_OPTION, check_window,
-                                  per_frame_step, travel_embeddings)
+from ..vc_model.freenoise import check_window, per_frame_step, travel_embeddings
 
 TRAVEL_KEY = "videocrafter_prompt_travel"
 MAX_WINDOW = 256
@@ -91,12 +90,4 @@ def unet_text_arguments(context: torch.Tensor, frame_tokens: torch.Tensor | None
     step = sampling_step(transformer_options)
     uses_last = step is not None and not per_frame_step(*step)
     return {"context": per_frame, "down_context": context if uses_last else None}
-
-
-def unet_window_arguments(transformer_options: dict) -> dict:
-    """{temporal_window, temporal_stride} from the MODEL's transformer options (empty without a window)."""
-    window = transformer_options.get(WINDOW_OPTION)
-    if window is None:
-        return {}
-    return {"temporal_window": int(window), "temporal_stride": int(transformer_options.get(STRIDE_OPTION, DEFAULT_STRIDE))}
 

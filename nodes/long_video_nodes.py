@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..vc_model.freenoise import DEFAULT_STRIDE, DEFAULT_WINDOW
 from . import long_video
 from .logic import MAX_FRAMES
-from .long_video_logic import DEFAULT_STRIDE, DEFAULT_WINDOW, window_problem
+from .long_video_logic import window_problem
 
 CATEGORY = "VideoCrafter"
 WINDOW_TOOLTIP = "Frames per temporal-attention window (FreeNoise: 16, what the models were trained on)."
