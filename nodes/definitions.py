@@ -11,6 +11,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import conditioning, loader, lora, sampler, vae_io
 from .ckpt_check import inspect_checkpoint, inspect_unet
+from .long_video_nodes import NODES as LONG_VIDEO_NODES
 from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
                     eta_problem, file_problem)
 
@@ -292,6 +293,9 @@ class VideoCrafterLoraLoader(io.ComfyNode):
 
 NODES = [VideoCrafterCheckpointLoader, VideoCrafterUNetLoader, VideoCrafterImageEncode, VideoCrafterConditioning,
          VideoCrafterSampler, VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode, VideoCrafterLoraLoader]
+
+# long videos (FreeNoise windows, rescheduled noise, prompt travel): nodes/long_video_nodes.py
+NODES += LONG_VIDEO_NODES
 
 
 class VideoCrafterExtension(ComfyExtension):

@@ -26,6 +26,7 @@ from . import sigmas as vs
 from .clip_vision import open_clip_state_dict
 from .diffusion import VideoCrafterUNet
 from .logic import image_batch_problem, latent_problem, latent_size_problem
+from .long_video_logic import TRAVEL_KEY, frame_context
 
 # Conditioning keys our nodes set (namespaced so other models' conditionings never collide).
 FPS_KEY = "videocrafter_fps"
@@ -205,6 +206,9 @@ class VideoCrafterModel(comfy.model_base.BaseModel):
                                  "(its own CLIP vision model, OpenCLIP ViT-H/14): connect the CLIP_VISION output of "
                                  "Load VideoCrafter Checkpoint to VideoCrafter Image Encode.")
             out["clip_tokens"] = comfy.conds.CONDRegular(tokens.to(device))
+        travel = kwargs.get(TRAVEL_KEY)  # prompt travel: per-frame tokens for this latent's frame count
+        if travel is not None:
+            out["frame_context"] = comfy.conds.CONDRegular(frame_context(travel, kwargs["noise"].shape[2]).to(device))
         if self.diffusion_model.fps_embedding is not None:
             fps = kwargs.get(FPS_KEY) or self.release.fps
             out["fps"] = comfy.conds.CONDRegular(torch.tensor([int(fps)], dtype=torch.long, device=device))

@@ -25,11 +25,15 @@ KINDS = {
     "videocrafter2_t2v_512": ("videocrafter2_t2v_512.ckpt", 512, 320, 28, False),
     "videocrafter1_t2v_1024": ("videocrafter1_t2v_1024.ckpt", 1024, 576, 28, False),
     "videocrafter1_i2v_512": ("videocrafter1_i2v_512.ckpt", 512, 320, 8, True),
+    "videocrafter2_t2v_512_long": ("videocrafter2_t2v_512.ckpt", 512, 320, 16, False),
 }
+# Long-video workflows (FreeNoise): kind -> (frames, eta, window, stride); the others are 16 frames at eta 1
+LONG = {"videocrafter2_t2v_512_long": (64, 0.0, 16, 4)}
 I2V_IMAGE = "example.png"  # LoadImage's default: ComfyUI ships input/example.png, so a fresh install opens it
 
 OUR_TYPES = {"VideoCrafterCheckpointLoader", "VideoCrafterImageEncode", "VideoCrafterConditioning",
-             "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode", "VideoCrafterEncode"}
+             "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode", "VideoCrafterEncode",
+             "VideoCrafterLongVideo", "VideoCrafterFreeNoiseNoise", "VideoCrafterPromptTravel"}
 CORE_TYPES = {"CLIPTextEncode", "LoadImage", "CreateVideo", "SaveVideo", "KSampler"}
 VIRTUAL_TYPES = {"MarkdownNote", "Note"}  # frontend-only notes: never sent to the server
 
@@ -44,6 +48,7 @@ WIDGETS = {
     "VideoCrafterConditioning": ["width", "height", "frames", "fps", "batch_size"],
     "VideoCrafterSampler": ["seed", CONTROL, "steps", "cfg", "eta"],
     "VideoCrafterDecode": ["frames_per_chunk"],
+    "VideoCrafterLongVideo": ["window", "stride", "reschedule_noise"],
     "CLIPTextEncode": ["text"],
     "LoadImage": ["image", UPLOAD],
     "CreateVideo": ["fps"],
@@ -198,10 +203,17 @@ def test_official_defaults_and_mp4_output(kind):
         by_type.setdefault(node["class_type"], []).append((key, node["inputs"]))
     (_, loader), = by_type["VideoCrafterCheckpointLoader"]
     assert loader == {"ckpt_name": ckpt, "weight_dtype": "auto"}
+    frames, eta, window, stride = LONG.get(kind, (16, 1.0, None, None))
     (_, cond), = by_type["VideoCrafterConditioning"]
-    assert (cond["width"], cond["height"], cond["frames"], cond["fps"], cond["batch_size"]) == (width, height, 16, fps, 1)
+    assert (cond["width"], cond["height"], cond["frames"], cond["fps"], cond["batch_size"]) == (width, height, frames, fps, 1)
     (sampler_id, sampler), = by_type["VideoCrafterSampler"]
-    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["eta"]) == (123, 50, 12.0, 1.0)
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["eta"]) == (123, 50, 12.0, eta)
+    if window is None:
+        assert "VideoCrafterLongVideo" not in by_type and sampler["model"] == ["1", 0]
+    else:  # FreeNoise on the sampler's MODEL, with the official window, stride and rescheduled noise
+        (long_id, long), = by_type["VideoCrafterLongVideo"]
+        assert long == {"model": ["1", 0], "window": window, "stride": stride, "reschedule_noise": True}
+        assert sampler["model"] == [long_id, 0]
     assert sampler["latent_image"][0] in dict(by_type["VideoCrafterConditioning"])
     texts = sorted(inputs["text"] for _, inputs in by_type["CLIPTextEncode"])
     assert texts[0] == "" and texts[1], "an example prompt and the official empty negative prompt"

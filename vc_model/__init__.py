@@ -11,6 +11,7 @@ from .build import Bundle, build, expected_shapes, load, random_state_dict
 from .checkpoint import CheckpointError, lazy_state_dict, load_state_dict
 from .config import RELEASES, ModelConfig, tiny_config
 from .detect import config_from_official, detect_config
+from .freenoise import reschedule_noise
 from .pipeline import generate
 from .sampling import ddim_timesteps, sample_ddim
 from .schedule import Schedule
@@ -18,5 +19,5 @@ from .schedule import Schedule
 __all__ = [
     "Bundle", "CheckpointError", "ModelConfig", "RELEASES", "Schedule", "build", "config_from_official",
     "ddim_timesteps", "detect_config", "expected_shapes", "generate", "lazy_state_dict", "load",
-    "load_state_dict", "random_state_dict", "sample_ddim", "tiny_config",
+    "load_state_dict", "random_state_dict", "reschedule_noise", "sample_ddim", "tiny_config",
 ]

@@ -18,7 +18,9 @@ Token layouts:
   once per video instead of being repeated per frame (same result: every query row attends
   independently to the same keys). With attention patches (`vc_model.patches`) it runs per frame,
   the layout ComfyUI's patches expect.
-- TemporalTransformer: spatial positions folded into the batch, `(b h w) t c`.
+  With per-frame context [b, t, L, D] (prompt travel) it runs per frame, `(b t) (h w) c`.
+- TemporalTransformer: spatial positions folded into the batch, `(b h w) t c`. With a FreeNoise
+  window (`vc_model.freenoise`) both of its self-attentions run in overlapping windows of frames.
 
 `transformer_options` (a dict, ComfyUI's protocol) is handed down to every block and attention
 call; the spatial blocks honour its patches (`vc_model.patches`), the temporal ones only pass it on
@@ -34,6 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from . import ops as default_ops
+from .freenoise import DEFAULT_STRIDE, STRIDE_OPTION, WINDOW_OPTION, windowed_attention
 from .patches import has_block_patches, patched_block_forward
 
 # Batches above this run in slices on CUDA: the fused SDPA kernels fail on larger grids
@@ -120,9 +123,10 @@ class Attention(nn.Module):
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
                  dim_head: int = 64, max_relative_position: int = 0, image_attention: bool = False,
-                 ops=None, attention=None):
+                 ops=None, attention=None, temporal: bool = False):
         super().__init__()
         ops = ops or default_ops
+        self.temporal = temporal  # self-attention over frames: FreeNoise windows apply
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads, self.dim_head = heads, dim_head
@@ -155,7 +159,16 @@ class Attention(nn.Module):
         return self.to_out(out if image is None else out + image)
 
     def attend(self, q, k, v, transformer_options) -> torch.Tensor:
-        """Attention of projected q [B, N, inner] to k, v [B, M, inner] -> [B, N, inner]."""
+        """Attention of projected q [B, N, inner] to k, v [B, M, inner] -> [B, N, inner]. Temporal
+        layers with transformer_options["temporal_window"] attend in FreeNoise's windows of frames."""
+        window = transformer_options.get(WINDOW_OPTION) if self.temporal else None
+        if window is None:
+            return self.attend_all(q, k, v, transformer_options)
+        return windowed_attention(lambda q, k, v: self.attend_all(q, k, v, transformer_options), q, k, v,
+                                  window, transformer_options.get(STRIDE_OPTION, DEFAULT_STRIDE))
+
+    def attend_all(self, q, k, v, transformer_options) -> torch.Tensor:
+        """Attention of every query to every key (relative positions for these lengths)."""
         if self.relative_position_k is None:
             return self.attention(q, k, v, self.heads, transformer_options=transformer_options)
         n_q, n_k = q.shape[1], k.shape[1]
@@ -224,13 +237,15 @@ class BasicTransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
-                 max_relative_position: int = 0, image_attention: bool = False, ops=None, attention=None):
+                 max_relative_position: int = 0, image_attention: bool = False, ops=None, attention=None,
+                 temporal: bool = False):
         super().__init__()
         ops = ops or default_ops
-        self.attn1 = Attention(dim, None, heads, dim_head, max_relative_position, ops=ops, attention=attention)
+        self.attn1 = Attention(dim, None, heads, dim_head, max_relative_position, ops=ops, attention=attention,
+                               temporal=temporal)
         self.ff = FeedForward(dim, ops=ops)
         self.attn2 = Attention(dim, context_dim, heads, dim_head, max_relative_position, image_attention,
-                               ops=ops, attention=attention)
+                               ops=ops, attention=attention, temporal=temporal)
         self.norm1 = ops.LayerNorm(dim)
         self.norm2 = ops.LayerNorm(dim)
         self.norm3 = ops.LayerNorm(dim)
@@ -239,14 +254,18 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 image_context: torch.Tensor | None = None, transformer_options=None) -> torch.Tensor:
         """x [G, S, N, dim]: self-attention over N tokens in each of G*S groups; the cross-attention
-        sees the S*N tokens of a group as one query sequence against context [G, L, D]. Spatial
-        blocks (cross) with attention patches in transformer_options run `patched_block_forward`."""
+        sees the S*N tokens of a group as one query sequence against context [G, L, D], or, with
+        per-frame context [G, S, L, D] (prompt travel), each group of N tokens against its own row.
+        Spatial blocks (cross) with attention patches in transformer_options run `patched_block_forward`."""
         opts = {} if transformer_options is None else transformer_options
         if self.cross and has_block_patches(opts):
             return patched_block_forward(self, x, context, image_context, opts)
         g, s, n, c = x.shape
         x = self.attn1(self.norm1(x).view(g * s, n, c), transformer_options=opts).view(g, s, n, c) + x
-        if self.cross:
+        if self.cross and context.ndim == 4:  # per-frame context
+            image = None if image_context is None else image_context.repeat_interleave(s, dim=0)
+            h = self.attn2(self.norm2(x).view(g * s, n, c), context.flatten(0, 1), image, transformer_options=opts)
+        elif self.cross:
             h = self.attn2(self.norm2(x).view(g, s * n, c), context, image_context, transformer_options=opts)
         else:
             h = self.attn2(self.norm2(x).view(g * s, n, c), transformer_options=opts)
@@ -272,7 +291,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int,
                 image_context: torch.Tensor | None = None, transformer_options=None) -> torch.Tensor:
-        """x [(b t), c, h, w]; context [b, L, D]; image_context [b, M, D] or None -> like x.
+        """x [(b t), c, h, w]; context [b, L, D] or per frame [b, t, L, D]; image_context [b, M, D] or None -> like x.
         Sets transformer_options "activations_shape" and, per block, "block_index" (as ComfyUI's)."""
         opts = {} if transformer_options is None else transformer_options
         opts["activations_shape"] = list(x.shape)
@@ -292,7 +311,8 @@ class TemporalTransformer(nn.Module):
 
     `conv_proj` (the `init_attn` layer) keeps the official kernel-1 Conv1d projections
     (weights [inner, c, 1]); they run on the tokens as a batch of length-1 sequences.
-    transformer_options reaches every attention call; spatial patches do not apply here.
+    transformer_options reaches every attention call; spatial patches do not apply here. With
+    transformer_options["temporal_window"] (FreeNoise) both self-attentions run in windows of frames.
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1,
@@ -305,7 +325,8 @@ class TemporalTransformer(nn.Module):
         self.conv_proj = conv_proj
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, None, max_relative_position, ops=ops, attention=attention)
+            BasicTransformerBlock(inner, heads, dim_head, None, max_relative_position, ops=ops, attention=attention,
+                                  temporal=True)
             for _ in range(depth))
         self.proj_out = proj(inner, channels)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_DTYPES, SAFETENSORS_EXTENSIONS
+from .freenoise import DEFAULT_STRIDE
 
 CHECKPOINT_EXTENSIONS = PICKLE_EXTENSIONS + SAFETENSORS_EXTENSIONS
 MAX_FRAMES = 256
@@ -194,14 +195,48 @@ def render(bundle, args, prompt: str, image=None) -> dict:
         _say(f"note: the official DDIM spacing runs {steps} steps for --steps {args.steps}")
     _say(f"generating {frames} frames at {width}x{height}, {steps} DDIM steps, cfg {args.cfg}, "
          f"eta {args.eta}, fps {fps}, seed {args.seed}")
+    if args.window is not None:
+        _say(f"FreeNoise: temporal windows of {args.window} frames every {args.stride}, rescheduled noise"
+             + ("" if frames > args.window else f" (no effect on {frames} frames: the window holds them all)"))
+    if args.travel:
+        _say(f"prompt travel through {1 + len(args.travel)} prompts")
     video = generate(
-        bundle, prompt, negative_prompt=getattr(args, "negative", None), image=image,
+        bundle, negative_prompt=getattr(args, "negative", None), image=image,
         height=height, width=width, frames=frames, fps=fps, steps=args.steps, cfg=args.cfg,
-        eta=args.eta, seed=args.seed, callback=ProgressBar("sampling"),
+        eta=args.eta, seed=args.seed, callback=ProgressBar("sampling"), **long_video_arguments(args, prompt),
     )
     _say("decoded; writing the video")
     out = write_mp4(args.out, to_uint8_frames(video)[0], fps=args.save_fps)
     return read_mp4_info(out)
+
+
+# --- long videos (FreeNoise) ---
+
+
+def _check_long_video(args) -> None:
+    if args.window is not None:
+        _check_range("window", args.window, 1, MAX_FRAMES, " (16, what the models were trained on, is the official value)")
+        _check_range("stride", args.stride, 1, args.window, " (at most the window, 4 officially)")
+    elif args.stride != DEFAULT_STRIDE:
+        raise UsageError("--stride needs --window (the windowed temporal attention it steps).")
+
+
+def long_video_arguments(args, prompt: str) -> dict:
+    """`generate` keywords for the prompt and the FreeNoise options of the command line."""
+    arguments = {"temporal_window": args.window, "temporal_stride": args.stride}
+    if args.travel:
+        return {**arguments, "prompt_travel": [prompt, *args.travel]}
+    return {**arguments, "prompt": prompt}
+
+
+def _long_video_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=int,
+                   help="FreeNoise long videos: temporal attention in windows of this many frames (16 officially) "
+                        "and rescheduled starting noise; use with --frames above 16 (default: off)")
+    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                   help=f"frames between window starts (default {DEFAULT_STRIDE}, the official value)")
+    p.add_argument("--travel", action="append", metavar="PROMPT", default=[],
+                   help="prompt travel: the video moves on from the prompt to this one (repeat for more, in order)")
 
 
 def _report(out: Path, info: dict, seconds: float) -> None:
@@ -222,6 +257,7 @@ def cmd_generate(args) -> int:
     ckpt = _checkpoint_path(args.ckpt)
     out = _mp4_path(args.out)
     _check_sampling(args)
+    _check_long_video(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     image = load_image(args.image) if args.image else None
@@ -252,6 +288,7 @@ def cmd_demo(args) -> int:
     start = time.monotonic()
     _mp4_path(args.out)
     _check_sampling(args)
+    _check_long_video(args)
     config = tiny_config()
     resolve_video_options(args, config)
     _say("DEMO: this model has RANDOM weights, so the video is noise. It shows that the whole pipeline "
@@ -380,11 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight precision (auto: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     _sampling_options(p, steps=50, out="videocrafter.mp4")
+    _long_video_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny RANDOM model (no checkpoint needed)")
     p.add_argument("prompt", nargs="?", default="a red panda eating bamboo, cinematic")
     _sampling_options(p, steps=10, out="demo.mp4")
+    _long_video_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help=".ckpt -> .safetensors in fp16, bf16 or fp32, verified")

@@ -117,7 +117,7 @@ def patched_block_forward(block, x, context, image_context, options: dict):
         x = y.reshape(g, s, n, c)
 
     h = block.norm2(x).reshape(g * s, n, c)
-    ctx = context.repeat_interleave(s, dim=0)
+    ctx = context.flatten(0, 1) if context.ndim == 4 else context.repeat_interleave(s, dim=0)  # per-frame: [b, t, L, D]
     image = image_context.repeat_interleave(s, dim=0) if image_context is not None else None
     value = None
     if patches.get("attn2_patch"):

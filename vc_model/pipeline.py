@@ -5,6 +5,7 @@
     I2V image tokens = image_encoder(image)                   [B,N,D]
     uncond image     = image_encoder(zeros(1,3,224,224))      (an all-zero image in [-1,1] = mid-grey)
     x_T              = randn([B,4,T,H/8,W/8]) from the seed's CPU generator, float32
+                       (long videos: then FreeNoise-rescheduled with the same generator)
     latent           = sample_ddim(unet, schedule, x_T, ...)   DDIM, CFG, eta
     video            = clamp(vae.decode(latent), -1, 1)       [B,3,T,H,W]
 
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import ModelConfig
+from .freenoise import DEFAULT_STRIDE, check_window, reschedule_noise, travel_embeddings, travel_segments
 from .sampling import sample_ddim
 
 
@@ -108,7 +110,7 @@ def _image_tokens(bundle, image: torch.Tensor, b: int, guided: bool):
 @torch.no_grad()
 def generate(
     bundle,
-    prompt: str | Sequence[str],
+    prompt: str | Sequence[str] | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     image: torch.Tensor | None = None,
     *,
@@ -122,6 +124,9 @@ def generate(
     seed: int | torch.Generator | None = None,
     callback: Callable | None = None,
     return_latent: bool = False,
+    temporal_window: int | None = None,
+    temporal_stride: int = DEFAULT_STRIDE,
+    prompt_travel: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Generate videos: float32 [B,3,T,H,W] in [-1,1] on the VAE's device.
 
@@ -135,6 +140,13 @@ def generate(
     seed: int, a torch.Generator (the noise is drawn on its device) or None for a random one.
     callback(i, total, x, pred_x0) after every step; raising from it aborts (interrupts).
     return_latent: return the final latent [B,4,T,H/8,W/8] (float32, U-Net device) without decoding.
+
+    Long videos (FreeNoise; see README "Long videos"): temporal_window W (16 officially) makes the U-Net's
+    temporal attention run in windows of W frames every temporal_stride frames and reschedules the
+    starting noise (its first W frames repeat, locally shuffled); None is the plain model.
+    prompt_travel: the prompts ONE video travels through, first to last (instead of `prompt`): the frames
+    are split into holds and linear blends of neighbouring prompts (`vc_model.freenoise.travel_segments`);
+    every video of the batch gets the same travel.
     """
     config: ModelConfig = bundle.config
     _require(bundle, "unet", "text_encoder", "schedule")
@@ -153,7 +165,21 @@ def generate(
     frames = config.frames if frames is None else frames
     fps = config.fps if fps is None else fps
     _check_size(config, height, width, frames)
+    if temporal_window is not None:
+        check_window(temporal_window, temporal_stride)  # refuses bad settings before any work
 
+    travel = None
+    if prompt_travel is not None:
+        if prompt is not None:
+            raise ValueError("Give either prompt or prompt_travel, not both.")
+        travel = [prompt_travel] if isinstance(prompt_travel, str) else list(prompt_travel)
+        if not travel or not all(isinstance(p, str) for p in travel):
+            raise ValueError("prompt_travel must be a non-empty list of strings (the prompts one video travels through).")
+        prompt = travel[-1]
+        travel_segments(frames, len(travel))  # refuses too few frames before any work
+        travel = travel if len(travel) > 1 else None
+    if prompt is None:
+        raise ValueError("A prompt is required (or prompt_travel for a video that travels through several).")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [] if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
     b = max(len(prompts), len(negatives), image.shape[0] if image is not None and image.ndim == 4 else 1)
@@ -165,6 +191,9 @@ def generate(
     device, dtype = _device(unet), _dtype(unet)
     context = bundle.text_encoder(prompts).to(device, dtype)
     uncond = bundle.text_encoder(uncond_prompts).to(device, dtype) if guided else None
+    travel_context = None
+    if travel is not None:
+        travel_context = travel_embeddings(bundle.text_encoder(travel).to(device, dtype), frames)[None]
     image_context = uncond_image = None
     if i2v:
         image_context, uncond_image = _image_tokens(bundle, image, b, guided)
@@ -176,11 +205,14 @@ def generate(
     channels = config.unet.in_channels if config.unet is not None else 4
     shape = (b, channels, frames, height // downscale, width // downscale)
     noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    if temporal_window is not None:
+        noise = reschedule_noise(noise, temporal_window, temporal_stride, generator=generator)
 
     latent = sample_ddim(
         unet, bundle.schedule, noise.to(device), context, uncond,
         image_context=image_context, uncond_image_context=uncond_image, fps=fps,
         steps=steps, cfg=cfg, eta=eta, generator=generator, callback=callback,
+        temporal_window=temporal_window, temporal_stride=temporal_stride, travel_context=travel_context,
     )
     if return_latent:
         return latent

@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from .freenoise import DEFAULT_STRIDE, per_frame_step
 from .schedule import Schedule
 
 DEFAULT_FPS = 16  # the U-Net's own default conditioning fps
@@ -116,6 +117,22 @@ def _fps_tensor(fps, b: int, device: torch.device) -> torch.Tensor:
     return torch.full((b,), int(fps), dtype=torch.long, device=device)
 
 
+def _per_frame_context(travel: torch.Tensor, context: torch.Tensor, b: int, frames: int, guided: bool):
+    """travel [B or 1, T, L, D] -> the model's per-frame context [n, T, L, D]: the cond rows, then (guided)
+    the uncond rows of `context` (already [2B, L, D]) repeated for every frame."""
+    if travel.ndim != 4 or travel.shape[1] != frames:
+        raise ValueError(f"travel_context must be [batch, {frames} frames, tokens, dim] for this latent, "
+                         f"got shape {list(travel.shape)}.")
+    travel = _batch(travel.to(context), b, "travel_context")
+    if not guided:
+        return travel
+    uncond = context[b:, None].expand(-1, frames, -1, -1)
+    if uncond.shape[-2:] != travel.shape[-2:]:
+        raise ValueError(f"travel_context tokens {list(travel.shape[-2:])} differ from the unconditional "
+                         f"context's {list(uncond.shape[-2:])}.")
+    return torch.cat([travel, uncond])
+
+
 @torch.no_grad()
 def sample_ddim(
     model: Callable,
@@ -134,6 +151,9 @@ def sample_ddim(
     callback: Callable | None = None,
     shape: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
+    temporal_window: int | None = None,
+    temporal_stride: int = DEFAULT_STRIDE,
+    travel_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run DDIM from noise to a clean latent [B,C,T,h,w] (float32 or wider).
 
@@ -149,6 +169,14 @@ def sample_ddim(
     dtype: what the model computes in; its inputs (latent, contexts) are cast to it. None: the
     model's `dtype` attribute when it has one (`UNet3D.dtype`, its weights' dtype), else the latent's.
     The latent is kept in float32 (half noise is upcast); eps is cast to it.
+
+    Long videos (FreeNoise, `vc_model.freenoise`):
+    temporal_window / temporal_stride: passed to every model call (the U-Net's windowed temporal
+    attention; None: full attention). The model then takes them as keyword arguments.
+    travel_context [B or 1, T, L, D]: prompt travel's per-frame text tokens; `context` is then the last
+    prompt's [B, L, D]. The conditional pass uses travel_context everywhere, except in the input and
+    middle blocks during the steps where `freenoise.per_frame_step(i, total)` is False, where it uses
+    `context` (the model gets `down_context`); the unconditional pass is unchanged.
     """
     if noise is None:
         if shape is None:
@@ -177,12 +205,17 @@ def sample_ddim(
             image_context = torch.cat([image_context, uncond_image])
         fps_b = torch.cat([fps_b, fps_b])
     n = fps_b.shape[0]
+    window = {} if temporal_window is None else dict(temporal_window=temporal_window, temporal_stride=temporal_stride)
+    per_frame = None if travel_context is None else _per_frame_context(travel_context, context, b, x.shape[2], guided)
 
     total = len(coefficients)
     for i, c in enumerate(coefficients):
         t = torch.full((n,), c.timestep, dtype=torch.long, device=device)
         x_in = (torch.cat([x, x]) if guided else x).to(dtype)
-        eps = model(x_in, t, context, fps=fps_b, image_context=image_context).to(x.dtype)
+        texts = {"context": context}
+        if per_frame is not None:
+            texts = {"context": per_frame, "down_context": None if per_frame_step(i, total) else context}
+        eps = model(x_in, t, fps=fps_b, image_context=image_context, **texts, **window).to(x.dtype)
         if guided:
             e_cond, e_uncond = eps.chunk(2)
             eps = guided_eps(e_cond, e_uncond, cfg)

@@ -22,6 +22,7 @@ from torch import nn
 from . import ops as default_ops
 from .attention import SpatialTransformer, TemporalTransformer
 from .config import UNetConfig
+from .freenoise import DEFAULT_STRIDE, STRIDE_OPTION, WINDOW_OPTION, check_window
 from .patches import check_transformer_options
 
 DEFAULT_FPS = 16  # the official forward's default when no fps is given
@@ -230,17 +231,29 @@ class UNet3D(nn.Module):
         return emb
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, fps=None,
-                image_context: torch.Tensor | None = None, transformer_options: dict | None = None) -> torch.Tensor:
+                image_context: torch.Tensor | None = None, transformer_options: dict | None = None,
+                temporal_window: int | None = None, temporal_stride: int = DEFAULT_STRIDE,
+                down_context: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, T, h, w] latent video; timesteps [B] or a number; context [B, L, D]
         text tokens; fps None (16), a number or [B] (used only with `fps_cond`); image_context
         [B, N, D] image tokens (I2V; None: no image branch); transformer_options: ComfyUI's dict
         (`vc_model.patches`; a shallow copy is used) -> eps [B, out_channels, T, h, w].
+
+        Long videos (`vc_model.freenoise`): temporal_window W (or transformer_options["temporal_window"],
+        with "temporal_stride") makes every temporal transformer attend in windows of W frames every
+        temporal_stride frames (FreeNoise; None or T <= W: all frames). context may also be per frame,
+        [B, T, L, D] (prompt travel); down_context ([B, L, D] or [B, T, L, D]; None: context) replaces it
+        in the input and middle blocks.
 
         Computes in x's dtype (context and image_context are cast to it)."""
         b, _, frames = x.shape[:3]
         dtype, device = x.dtype, x.device
         options = dict(transformer_options or {})
         check_transformer_options(options, self.spatial_blocks)
+        if temporal_window is not None:
+            options[WINDOW_OPTION], options[STRIDE_OPTION] = temporal_window, temporal_stride
+        if options.get(WINDOW_OPTION) is not None:
+            check_window(options[WINDOW_OPTION], options.setdefault(STRIDE_OPTION, DEFAULT_STRIDE))
         options["original_shape"] = list(x.shape)
         options["transformer_index"] = 0
         patches = options.get("patches") or {}
@@ -251,7 +264,8 @@ class UNet3D(nn.Module):
         emb = self.embed(timesteps, fps, dtype)
         for patch in patches.get("emb_patch") or ():
             emb = patch(emb, self.cfg.model_channels, options)
-        context = context.to(dtype)
+        context = _text_context(context, b, frames, "context").to(dtype)
+        down_context = context if down_context is None else _text_context(down_context, b, frames, "down_context").to(dtype)
         if image_context is not None:
             if not self.cfg.image_attention:
                 raise ValueError("image_context was given but this U-Net has no image cross-attention")
@@ -260,27 +274,38 @@ class UNet3D(nn.Module):
         # Channels-last throughout: convs run faster, the spatial transformers' token view and the
         # temporal convs' [b, c, t, h, w] view come without copies.
         h = rearrange(x, "b c t h w -> (b t) c h w").contiguous(memory_format=torch.channels_last)
-        cond = (emb, context, image_context, frames, options)
+        down = (emb, down_context, image_context, frames, options)
+        up = (emb, context, image_context, frames, options)
         skips = []
         for i, block in enumerate(self.input_blocks):
             options["block"] = ("input", i)
-            h = block(h, *cond)
+            h = block(h, *down)
             if i == 0 and self.init_attn is not None:
-                h = self.init_attn(h, *cond)
+                h = self.init_attn(h, *down)
             for patch in patches.get("input_block_patch") or ():
                 h = patch(h, options)
             skips.append(h)
             for patch in patches.get("input_block_patch_after_skip") or ():
                 h = patch(h, options)
         options["block"] = ("middle", 0)
-        h = self.middle_block(h, *cond)
+        h = self.middle_block(h, *down)
         for i, block in enumerate(self.output_blocks):
             options["block"] = ("output", i)
             skip = skips.pop()
             for patch in patches.get("output_block_patch") or ():
                 h, skip = patch(h, skip, options)
-            h = block(torch.cat([h, skip], dim=1), *cond)
+            h = block(torch.cat([h, skip], dim=1), *up)
         return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=frames).contiguous()
+
+
+def _text_context(context: torch.Tensor, batch: int, frames: int, name: str) -> torch.Tensor:
+    """Check text tokens: [B, L, D], or per frame [B, T, L, D] for this latent's T frames."""
+    if context.ndim == 4 and context.shape[1] != frames:
+        raise ValueError(f"{name} has {context.shape[1]} per-frame rows, the latent has {frames} frames.")
+    if context.ndim not in (3, 4) or context.shape[0] != batch:
+        raise ValueError(f"{name} must be [{batch}, tokens, dim] or per frame [{batch}, {frames}, tokens, dim], "
+                         f"got shape {list(context.shape)}.")
+    return context
 
 
 def _per_sample(value, batch: int, device) -> torch.Tensor:
