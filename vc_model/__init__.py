@@ -14,9 +14,12 @@ from .detect import config_from_official, detect_config
 from .pipeline import generate
 from .sampling import ddim_timesteps, sample_ddim
 from .schedule import Schedule
+from .turbo import TurboError, apply_turbo, load_turbo
+from .turbo_sampler import sample_turbo, turbo_timesteps
 
 __all__ = [
     "Bundle", "CheckpointError", "ModelConfig", "RELEASES", "Schedule", "build", "config_from_official",
     "ddim_timesteps", "detect_config", "expected_shapes", "generate", "lazy_state_dict", "load",
     "load_state_dict", "random_state_dict", "sample_ddim", "tiny_config",
+    "TurboError", "apply_turbo", "load_turbo", "sample_turbo", "turbo_timesteps",
 ]
