@@ -6,6 +6,7 @@
     uncond image     = image_encoder(zeros(1,3,224,224))      (an all-zero image in [-1,1] = mid-grey)
     x_T              = randn([B,4,T,H/8,W/8]) from the seed's CPU generator, float32
     latent           = sample_ddim(unet, schedule, x_T, ...)   DDIM, CFG, eta
+                       (a T2V-Turbo bundle: sample_turbo(unet, schedule, x_T, text tokens, guidance=w), no CFG)
     video            = clamp(vae.decode(latent), -1, 1)       [B,3,T,H,W]
 
 Seeds are device independent: the initial noise and the per-step noise are drawn on the CPU and
@@ -13,12 +14,16 @@ moved, so a seed gives the same video on any device (but not the official CUDA d
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import torch
 
 from .config import ModelConfig
 from .sampling import sample_ddim
+from .turbo import TURBO_DEFAULTS, apply_turbo, load_turbo
+from .turbo_sampler import sample_turbo
 
 
 def pixel_multiple(config: ModelConfig) -> int:
@@ -116,12 +121,17 @@ def generate(
     width: int | None = None,
     frames: int | None = None,
     fps: int | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     cfg: float = 12.0,
     eta: float = 1.0,
     seed: int | torch.Generator | None = None,
     callback: Callable | None = None,
     return_latent: bool = False,
+    # T2V-Turbo (vc_model.turbo): the weights to apply first, or True for a bundle that has them
+    turbo=None,
+    guidance: float | None = None,
+    motion_guidance: float | None = None,
+    motion_percentage: float | None = None,
 ) -> torch.Tensor:
     """Generate videos: float32 [B,3,T,H,W] in [-1,1] on the VAE's device.
 
@@ -132,10 +142,19 @@ def generate(
     image: I2V only and then required: [B,3,H,W] (or [3,H,W]) in [-1,1], any size (CLIP squashes it).
     height, width (multiples of `pixel_multiple`, 64 for the releases), frames, fps: default to the
     config's native values. steps, cfg, eta: DDIM settings (official defaults 50, 12, 1).
+    turbo: T2V-Turbo weights to apply to this VideoCrafter2 bundle first (a file path or `load_turbo`'s
+    result; `bundle` itself is left unchanged), or True to require a bundle `apply_turbo` made. A T2V-Turbo
+    bundle samples with `sample_turbo` and no CFG: cfg, eta and negative_prompt do not apply; steps
+    defaults to 4 (v1) or 16 (v2), fps to 16 (v1) or 8 (v2), guidance (w) to 7.5; motion_guidance
+    (v2 only; None: no motion path) is given on the first motion_percentage (default 0.5) of the steps.
     seed: int, a torch.Generator (the noise is drawn on its device) or None for a random one.
     callback(i, total, x, pred_x0) after every step; raising from it aborts (interrupts).
     return_latent: return the final latent [B,4,T,H/8,W/8] (float32, U-Net device) without decoding.
     """
+    bundle = _with_turbo(bundle, turbo)
+    turbo_defaults = TURBO_DEFAULTS.get(getattr(bundle, "turbo", None))
+    _check_turbo_options(turbo_defaults, negative_prompt, guidance, motion_guidance, motion_percentage)
+    steps = (turbo_defaults.steps if turbo_defaults else 50) if steps is None else steps
     config: ModelConfig = bundle.config
     _require(bundle, "unet", "text_encoder", "schedule")
     if not return_latent:
@@ -158,7 +177,7 @@ def generate(
     negatives = [] if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
     b = max(len(prompts), len(negatives), image.shape[0] if image is not None and image.ndim == 4 else 1)
     prompts = _prompts(prompts, b, "prompt")
-    guided = cfg != 1.0
+    guided = cfg != 1.0 and turbo_defaults is None
     uncond_prompts = _prompts("" if negative_prompt is None else negative_prompt, b, "negative_prompt")
 
     unet = bundle.unet
@@ -177,15 +196,53 @@ def generate(
     shape = (b, channels, frames, height // downscale, width // downscale)
     noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
 
-    latent = sample_ddim(
-        unet, bundle.schedule, noise.to(device), context, uncond,
-        image_context=image_context, uncond_image_context=uncond_image, fps=fps,
-        steps=steps, cfg=cfg, eta=eta, generator=generator, callback=callback,
-    )
+    if turbo_defaults is not None:
+        latent = sample_turbo(
+            unet, bundle.schedule, noise.to(device), context, fps=fps, steps=steps,
+            guidance=turbo_defaults.guidance if guidance is None else guidance, generator=generator,
+            motion_guidance=motion_guidance,
+            motion_percentage=turbo_defaults.motion_percentage if motion_percentage is None else motion_percentage,
+            callback=callback,
+        )
+    else:
+        latent = sample_ddim(
+            unet, bundle.schedule, noise.to(device), context, uncond,
+            image_context=image_context, uncond_image_context=uncond_image, fps=fps,
+            steps=steps, cfg=cfg, eta=eta, generator=generator, callback=callback,
+        )
     if return_latent:
         return latent
     video = bundle.vae.decode(latent.to(_device(bundle.vae)))
     return video.float().clamp(-1.0, 1.0)
+
+
+def _with_turbo(bundle, turbo):
+    """generate's `turbo`: None (the bundle as it is), True (it must be T2V-Turbo), or weights to apply."""
+    if turbo is None:
+        return bundle
+    if turbo is True:
+        if getattr(bundle, "turbo", None) is None:
+            raise ValueError("turbo=True needs a bundle with T2V-Turbo applied: pass vc_model.apply_turbo(bundle, "
+                             "vc_model.load_turbo(path)), or pass the file as turbo=path.")
+        return bundle
+    if isinstance(turbo, (str, os.PathLike)):
+        turbo = load_turbo(turbo)
+    if not isinstance(turbo, Mapping):
+        raise ValueError(f"turbo must be a T2V-Turbo file path, load_turbo()'s result or True, got {type(turbo).__name__}.")
+    return apply_turbo(bundle, turbo)
+
+
+def _check_turbo_options(defaults, negative_prompt, guidance, motion_guidance, motion_percentage) -> None:
+    if defaults is None:
+        if guidance is not None or motion_guidance is not None or motion_percentage is not None:
+            raise ValueError("guidance, motion_guidance and motion_percentage are T2V-Turbo settings; this model is "
+                             "not T2V-Turbo (pass turbo=..., or use cfg for classifier-free guidance).")
+        return
+    if negative_prompt is not None:
+        raise ValueError("T2V-Turbo samples without classifier-free guidance, so it takes no negative prompt.")
+    if motion_percentage is not None and not 0.0 <= motion_percentage <= 1.0:
+        raise ValueError(f"motion_percentage must be from 0 to 1 (the share of steps with motion guidance), got "
+                         f"{motion_percentage!r}.")
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
