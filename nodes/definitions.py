@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from ..vc_model.checkpoint import CheckpointError
-from . import conditioning, loader, sampler, vae_io
+from . import conditioning, loader, sampler, turbo_nodes, vae_io
 from .ckpt_check import inspect_checkpoint
 from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
                     eta_problem, sampler_problem)
@@ -239,6 +239,9 @@ class VideoCrafterEncode(io.ComfyNode):
 
 NODES = [VideoCrafterCheckpointLoader, VideoCrafterImageEncode, VideoCrafterConditioning, VideoCrafterSampler,
          VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode]
+
+# T2V-Turbo (nodes/turbo_nodes.py)
+NODES += turbo_nodes.NODES
 
 
 class VideoCrafterExtension(ComfyExtension):

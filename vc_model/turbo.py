@@ -334,3 +334,18 @@ TURBO_DEFAULTS = {
     # predict.py (the published v2 predictor): 16 steps, fps 8, motion guidance 0.05 over the first half
     "v2": TurboDefaults(steps=16, guidance=7.5, fps=8, motion_guidance=0.05, motion_percentage=0.5),
 }
+
+
+def random_turbo_lora(unet: UNetConfig, rank: int = 4, scale: float = 0.3, seed: int = 0) -> list[torch.Tensor]:
+    """A random v1 LoRA for a VideoCrafter2-kind U-Net, in the official file format (a list to `torch.save`),
+    for tests, host tests and benchmarks. Each up @ down has about `scale` times the std of a unit-variance
+    weight's rows (N(0, 1/fan_in)); rank is clamped to min(in, out) as officially."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _, shape in lora_targets(_meta_unet(replace(unet, time_cond_proj_dim=GUIDANCE_DIM, motion_cond_proj_dim=None))):
+        fan_in = math.prod(shape[1:])
+        r = min(rank, shape[0], fan_in)
+        down = torch.randn((r, *shape[1:]), generator=generator) / math.sqrt(fan_in)
+        up = torch.randn((shape[0], r, *[1] * (len(shape) - 2)), generator=generator) * (scale / math.sqrt(r))
+        out += [up, down]
+    return out
