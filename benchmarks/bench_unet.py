@@ -80,10 +80,12 @@ def build_model(spec: dict, device: str):
 
 
 def make_inputs(spec: dict, device: str):
+    """x and context in the benchmarked dtype (the U-Net computes in its input's dtype)."""
     g = torch.Generator().manual_seed(1)
     b, t, h, w = spec["batch"], spec["frames"], spec["height"], spec["width"]
-    x = torch.randn(b, 4, t, h, w, generator=g)
-    context = torch.randn(b, 77, 1024, generator=g)
+    dtype = DTYPES[spec["dtype"]]
+    x = torch.randn(b, 4, t, h, w, generator=g).to(dtype)
+    context = torch.randn(b, 77, 1024, generator=g).to(dtype)
     timesteps = torch.full((b,), 500, dtype=torch.long)
     fps = torch.full((b,), 28, dtype=torch.long)
     return [v.to(device) for v in (x, timesteps, context, fps)]
@@ -137,13 +139,14 @@ def ab_worker(spec: dict) -> dict:
     checkpoint file (all of the official model's, our fp32 Linear weights) share its pages."""
     device = spec["device"]
     common.import_official(spec["official"])
-    x, t, context, fps = make_inputs(spec, device)
-    models = {}
+    runs = {}
     for impl, dtype in (("official", "fp32"), ("ours", "fp32"), ("ours", "bf16")):
-        models[f"{impl} {dtype}"] = build_model({**spec, "impl": impl, "dtype": dtype}, device)
+        model_spec = {**spec, "impl": impl, "dtype": dtype}
+        _, forward = build_model(model_spec, device)
+        inputs = make_inputs(model_spec, device)
+        runs[f"{impl} {dtype}"] = lambda f=forward, a=inputs: f(*a)
     with torch.inference_mode():
-        return common.interleave({name: (lambda f=forward: f(x, t, context, fps)) for name, (_, forward) in models.items()},
-                                 spec["rounds"], device)
+        return common.interleave(runs, spec["rounds"], device)
 
 
 def configurations(args) -> list[dict]:

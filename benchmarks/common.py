@@ -151,8 +151,8 @@ def warm_libraries(device: str, dtype: torch.dtype) -> None:
     cfg = vc_model.tiny_config()
     bundle = vc_model.build(vc_model.random_state_dict(cfg), config=cfg, dtype=dtype, device=device)
     with torch.inference_mode():
-        latent = torch.randn(1, 4, 2, 8, 8, device=device)
-        bundle.unet(latent, torch.tensor([1], device=device), torch.randn(1, 77, 64, device=device))
+        latent = torch.randn(1, 4, 2, 8, 8, device=device, dtype=dtype)
+        bundle.unet(latent, torch.tensor([1], device=device), torch.randn(1, 77, 64, device=device, dtype=dtype))
         bundle.vae.decode(latent)
     del bundle, latent
     gc.collect()

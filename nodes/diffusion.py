@@ -37,5 +37,5 @@ class VideoCrafterUNet(UNet3D):
         if clip_tokens is not None:
             if self.image_proj_model is None:
                 raise ValueError("This VideoCrafter model is text-to-video: it cannot use an image conditioning.")
-            image_context = self.image_proj_model(clip_tokens.to(self.dtype))
+            image_context = self.image_proj_model(clip_tokens.to(x.dtype))
         return super().forward(x, timesteps, context, fps=fps, image_context=image_context, **turbo)

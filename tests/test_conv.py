@@ -1,10 +1,12 @@
-"""vc_model.conv: the GEMM form of small convolutions equals the ordinary convolution."""
+"""vc_model.conv: the GEMM form of small convolutions (taken by vc_model.ops.Conv2d/Conv3d) equals the
+ordinary convolution."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vc_model import conv
-from vc_model.conv import Conv2d, Conv3d, conv_gemm
+from vc_model.conv import conv_gemm
+from vc_model.ops import Conv2d, Conv3d
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 2, 0)])

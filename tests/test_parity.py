@@ -94,6 +94,7 @@ def test_half_precision_stays_close_to_fp32(dtype, rel):
     """Measured on the fixture U-Net: see README (bf16 ~1e-2, fp16 ~1e-3 of max|eps|)."""
     bundle, d = build_case("t2v_unet_v2", dtype=dtype)
     with torch.no_grad():
-        eps = bundle.unet(d["input.x"], d["input.timesteps"], d["input.context"], fps=d["input.fps"])
+        # The U-Net computes in its input's dtype: hand it the bundle's.
+        eps = bundle.unet(d["input.x"].to(dtype), d["input.timesteps"], d["input.context"].to(dtype), fps=d["input.fps"])
     assert eps.dtype == dtype
     close(eps, d["output.eps"], rel=rel, abs_=0)

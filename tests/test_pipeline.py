@@ -166,11 +166,13 @@ def test_seeds_reproducible_and_noise_on_cpu():
     assert not torch.equal(e1, e2)
 
 
-def test_half_unet_gets_half_context_and_float_latent():
+def test_half_unet_gets_its_dtype_and_the_latent_stays_float():
+    """The U-Net computes in its input's dtype: the sampler hands it x and context in the model's
+    dtype and keeps its own latent in float32."""
     bundle = make_bundle(unet_dtype=torch.bfloat16)
     latent = generate(bundle, "a cat", steps=2, seed=0, return_latent=True)
     call = bundle.unet.calls[0]
-    assert call["context"].dtype == torch.bfloat16 and call["x"].dtype == torch.float32
+    assert call["context"].dtype == torch.bfloat16 and call["x"].dtype == torch.bfloat16
     assert latent.dtype == torch.float32
 
 

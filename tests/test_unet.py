@@ -38,9 +38,10 @@ def fixture_model(case: str, dtype=torch.float32):
     return model, tensors
 
 
-def call(model, tensors, **kw):
+def call(model, tensors, dtype=torch.float32, **kw):
+    """The fixture's inputs through the model, x and context in `dtype` (the U-Net computes in x's dtype)."""
     with torch.no_grad():
-        return model(tensors["input.x"], tensors["input.timesteps"], tensors["input.context"],
+        return model(tensors["input.x"].to(dtype), tensors["input.timesteps"], tensors["input.context"].to(dtype),
                      fps=tensors["input.fps"], **kw)
 
 
@@ -109,7 +110,7 @@ HALF_TOLERANCE = {torch.bfloat16: 7e-2, torch.float16: 1.5e-2}
 def test_half_precision(case, dtype):
     model, tensors = fixture_model(case, dtype)
     assert model.dtype == dtype
-    eps = call(model, tensors)
+    eps = call(model, tensors, dtype)
     assert eps.dtype == dtype
     ref = tensors["output.eps"]
     rel = (eps.float() - ref).abs().max().item() / ref.abs().max().item()
@@ -149,7 +150,9 @@ def test_relative_position_attention_matches_direct_formula():
     logits = (q @ k.transpose(-1, -2) + torch.einsum("bhid,ijd->bhij", q, emb_k)) * d ** -0.5
     p = logits.softmax(-1)
     ref = p @ v + torch.einsum("bhij,ijd->bhid", p, emb_v)
-    torch.testing.assert_close(relative_position_attention(q, k, v, emb_k, emb_v), ref, atol=1e-5, rtol=1e-5)
+    merged = [t.transpose(1, 2).flatten(2) for t in (q, k, v, ref)]  # [B, n, heads*d]
+    out = relative_position_attention(*merged[:3], emb_k, emb_v, heads=2)
+    torch.testing.assert_close(out, merged[3], atol=1e-5, rtol=1e-5)
 
 
 def test_image_attention_is_decoupled_and_scaled():

@@ -1,39 +1,77 @@
 """Attention layers of the VideoCrafter 3D U-Net.
 
 Parameter names follow the official checkpoint (`to_q`, `to_out.0`, `ff.net.0.proj`,
-`relative_position_k.embeddings_table`, `to_k_ip`, ...). All attention goes through
-`F.scaled_dot_product_attention`, whose default scale `dim_head ** -0.5` is the official one.
+`relative_position_k.embeddings_table`, `to_k_ip`, ...). Every layer with weights comes from the
+`ops` namespace (`vc_model.ops` by default, see there), and every attention product goes through
+one injectable function with ComfyUI's `optimized_attention` calling convention:
+
+    attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
+              transformer_options=...) -> out
+
+q [B, N, heads*d], k/v [B, M, heads*d] -> out [B, N, heads*d] (with skip_reshape q/k/v are
+[B, heads, N, d]; with skip_output_reshape out is [B, heads, N, d]), softmax scale d ** -0.5, the
+official one. The default is `sdpa_attention`.
 
 Token layouts:
 - SpatialTransformer: frames folded into the batch, `(b t) (h w) c`; its cross-attention sees the
   frames of one video as one long query sequence `b (t h w) c`, so the text/image context is used
   once per video instead of being repeated per frame (same result: every query row attends
-  independently to the same keys).
+  independently to the same keys). With attention patches (`vc_model.patches`) it runs per frame,
+  the layout ComfyUI's patches expect.
 - TemporalTransformer: spatial positions folded into the batch, `(b h w) t c`.
+
+`transformer_options` (a dict, ComfyUI's protocol) is handed down to every block and attention
+call; the spatial blocks honour its patches (`vc_model.patches`), the temporal ones only pass it on
+to the attention function.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import ops as default_ops
+from .patches import has_block_patches, patched_block_forward
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, N, heads*d] -> [B, heads, N, d] (a view)."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+# Batches above this run in slices on CUDA: the fused SDPA kernels fail on larger grids
+# (the temporal attention of one 576x1024 video already has b*h*w = 18,432 rows per call).
+SDPA_BATCH_LIMIT = 2 ** 15
+SLICED_DEVICES = ("cuda",)
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, heads, N, d] -> [B, N, heads*d]."""
-    return x.transpose(1, 2).flatten(2)
+def sdpa_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                   transformer_options=None, **kwargs):
+    """`F.scaled_dot_product_attention` in ComfyUI's attention calling convention (module docstring).
+
+    As ComfyUI's own functions, k and v are split into heads with q's batch size. On CUDA batches
+    above SDPA_BATCH_LIMIT run in slices."""
+    if skip_reshape:
+        b, dim_head = q.shape[0], q.shape[-1]
+    else:
+        b, dim_head = q.shape[0], q.shape[-1] // heads
+        q, k, v = (t.reshape(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
+        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask
+    if q.device.type not in SLICED_DEVICES or b <= SDPA_BATCH_LIMIT:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        for i in range(0, b, SDPA_BATCH_LIMIT):
+            m = mask[i:i + SDPA_BATCH_LIMIT] if mask is not None and mask.shape[0] > 1 else mask
+            s = slice(i, i + SDPA_BATCH_LIMIT)
+            out[s] = F.scaled_dot_product_attention(q[s], k[s], v[s], attn_mask=m)
+    return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
 
 
 class RelativePosition(nn.Module):
     """Learned embeddings of the clipped key-minus-query offset, shared by all heads.
 
-    `embeddings_table`: [2*max_distance + 1, dim_head].
-    """
+    `embeddings_table`: [2*max_distance + 1, dim_head]. Not an ops layer: the table is cast to the
+    dtype and device of the attention it serves at every call (it is small)."""
 
     def __init__(self, dim_head: int, max_distance: int):
         super().__init__()
@@ -41,31 +79,35 @@ class RelativePosition(nn.Module):
         self.embeddings_table = nn.Parameter(torch.empty(2 * max_distance + 1, dim_head))
         nn.init.xavier_uniform_(self.embeddings_table)
 
-    def forward(self, n_q: int, n_k: int) -> torch.Tensor:
-        """-> [n_q, n_k, dim_head], entry [i, j] = table[clamp(j - i) + max_distance]."""
-        device = self.embeddings_table.device
-        offset = torch.arange(n_k, device=device)[None, :] - torch.arange(n_q, device=device)[:, None]
+    def forward(self, n_q: int, n_k: int, like: torch.Tensor) -> torch.Tensor:
+        """-> [n_q, n_k, dim_head] in `like`'s dtype and device, entry [i, j] = table[clamp(j - i) + max_distance]."""
+        table = self.embeddings_table.to(device=like.device, dtype=like.dtype)
+        offset = torch.arange(n_k, device=like.device)[None, :] - torch.arange(n_q, device=like.device)[:, None]
         offset = offset.clamp(-self.max_distance, self.max_distance) + self.max_distance
-        return self.embeddings_table[offset]
+        return table[offset]
 
 
-def relative_position_attention(q, k, v, emb_k, emb_v):
-    """Softmax attention with relative position terms, as one SDPA call.
+def relative_position_attention(q, k, v, emb_k, emb_v, heads: int, attention=sdpa_attention,
+                                transformer_options=None):
+    """Softmax attention with relative position terms, as one call of `attention`.
 
-    q, k, v: [B, H, n, d]; emb_k, emb_v: [n_q, n_k, d].
-    logits[i, j] = scale*q_i.k_j + scale*q_i.emb_k[i, j];  out_i = sum_j p_ij (v_j + emb_v[i, j]).
+    q [B, n_q, heads*d], k/v [B, n_k, heads*d]; emb_k, emb_v [n_q, n_k, d] -> [B, n_q, heads*d].
+    logits[i, j] = s*q_i.k_j + s*q_i.emb_k[i, j] (s = d^-1/2); out_i = sum_j p_ij (v_j + emb_v[i, j]).
     Each query gets its key-term row r_i = (q_i.emb_k[i, j])_j appended and each key/value the one-hot
     e_j, so the augmented dot product is q_i.k_j + r_ij and the augmented output carries the
-    probability row p_i. Equal head widths keep SDPA on its fused kernel (an additive mask plus a
-    wider v would send it to the slow reference path).
-    """
-    n_k, d = k.shape[-2], q.shape[-1]
-    eye = torch.eye(n_k, dtype=v.dtype, device=v.device).expand(*v.shape[:-2], n_k, n_k)
-    q = torch.cat([q, torch.einsum("bhid,ijd->bhij", q, emb_k)], dim=-1)
-    out = F.scaled_dot_product_attention(q, torch.cat([k, eye], dim=-1), torch.cat([v, eye], dim=-1),
-                                         scale=d ** -0.5)
-    out, probs = out.split([d, n_k], dim=-1)
-    return out + torch.einsum("bhij,ijd->bhid", probs, emb_v)
+    probability row p_i. Equal head widths keep SDPA on its fused kernel. The attention function
+    scales by (d + n_k)^-1/2, so q is scaled by sqrt((d + n_k) / d) first. Called without
+    skip_reshape/skip_output_reshape: ComfyUI's sliced SDPA path ignores skip_output_reshape."""
+    b, n_q = q.shape[:2]
+    n_k, d = k.shape[1], emb_k.shape[-1]
+    q = q.unflatten(-1, (heads, d)) * math.sqrt((d + n_k) / d)
+    eye = torch.eye(n_k, dtype=v.dtype, device=v.device)[None, :, None, :].expand(b, n_k, heads, n_k)
+    q = torch.cat([q, torch.einsum("bihd,ijd->bihj", q, emb_k)], dim=-1).flatten(2)
+    k = torch.cat([k.unflatten(-1, (heads, d)), eye], dim=-1).flatten(2)
+    v = torch.cat([v.unflatten(-1, (heads, d)), eye], dim=-1).flatten(2)
+    out = attention(q, k, v, heads, transformer_options=transformer_options or {})
+    out, probs = out.unflatten(-1, (heads, d + n_k)).split([d, n_k], dim=-1)
+    return (out + torch.einsum("bihj,ijd->bihd", probs, emb_v)).flatten(2)
 
 
 class Attention(nn.Module):
@@ -77,15 +119,18 @@ class Attention(nn.Module):
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
-                 dim_head: int = 64, max_relative_position: int = 0, image_attention: bool = False):
+                 dim_head: int = 64, max_relative_position: int = 0, image_attention: bool = False,
+                 ops=None, attention=None):
         super().__init__()
+        ops = ops or default_ops
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
-        self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
+        self.heads, self.dim_head = heads, dim_head
+        self.attention = attention or sdpa_attention
+        self.to_q = ops.Linear(query_dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, query_dim))
         self.relative_position_k = self.relative_position_v = None
         if max_relative_position:
             self.relative_position_k = RelativePosition(dim_head, max_relative_position)
@@ -93,39 +138,48 @@ class Attention(nn.Module):
         self.image_attention = image_attention
         self.image_scale = 1.0
         if image_attention:
-            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
-            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_k_ip = ops.Linear(context_dim, inner, bias=False)
+            self.to_v_ip = ops.Linear(context_dim, inner, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, query_dim]; context [B, L, context_dim] (None: self-attention);
-        image_context [B, M, context_dim] (image branch, only with image_attention) -> [B, N, query_dim]."""
-        h = self.heads
+                image_context: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                transformer_options=None) -> torch.Tensor:
+        """x [B, N, query_dim]; context [B, L, context_dim] (None: self-attention); value: the
+        values' source when it differs from context (ComfyUI patches); image_context
+        [B, M, context_dim] (image branch, only with image_attention) -> [B, N, query_dim]."""
+        opts = {} if transformer_options is None else transformer_options
         context = x if context is None else context
-        q = split_heads(self.to_q(x), h)
-        k = split_heads(self.to_k(context), h)
-        v = split_heads(self.to_v(context), h)
-        if self.relative_position_k is not None:
-            n_q, n_k = q.shape[-2], k.shape[-2]
-            out = relative_position_attention(q, k, v, self.relative_position_k(n_q, n_k),
-                                              self.relative_position_v(n_q, n_k))
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        if image_context is not None and self.image_scale != 0:
-            if not self.image_attention:
-                raise ValueError("image_context was given but this attention layer has no image branch")
-            k_ip = split_heads(self.to_k_ip(image_context), h)
-            v_ip = split_heads(self.to_v_ip(image_context), h)
-            out = out + self.image_scale * F.scaled_dot_product_attention(q, k_ip, v_ip)
-        return self.to_out(merge_heads(out))
+        q = self.to_q(x)
+        out = self.attend(q, self.to_k(context), self.to_v(context if value is None else value), opts)
+        image = self.image_branch(q, image_context, opts)
+        return self.to_out(out if image is None else out + image)
+
+    def attend(self, q, k, v, transformer_options) -> torch.Tensor:
+        """Attention of projected q [B, N, inner] to k, v [B, M, inner] -> [B, N, inner]."""
+        if self.relative_position_k is None:
+            return self.attention(q, k, v, self.heads, transformer_options=transformer_options)
+        n_q, n_k = q.shape[1], k.shape[1]
+        return relative_position_attention(
+            q, k, v, self.relative_position_k(n_q, n_k, q), self.relative_position_v(n_q, n_k, q),
+            self.heads, self.attention, transformer_options)
+
+    def image_branch(self, q, image_context, transformer_options) -> torch.Tensor | None:
+        """image_scale * attention of q to the image tokens, or None (no image or scale 0)."""
+        if image_context is None or self.image_scale == 0:
+            return None
+        if not self.image_attention:
+            raise ValueError("image_context was given but this attention layer has no image branch")
+        out = self.attention(q, self.to_k_ip(image_context), self.to_v_ip(image_context), self.heads,
+                             transformer_options=transformer_options)
+        return self.image_scale * out
 
 
 class GEGLU(nn.Module):
     """Linear to 2*dim_out; first half is the value, second half the (exact GELU) gate."""
 
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, ops=None):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = (ops or default_ops).Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -143,9 +197,10 @@ class FeedForward(nn.Module):
 
     Runs over the tokens in chunks of at most `FF_CHUNK_BYTES` of intermediate when not training."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, ops=None):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        ops = ops or default_ops
+        self.net = nn.Sequential(GEGLU(dim, dim * mult, ops), nn.Identity(), ops.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]"""
@@ -169,26 +224,32 @@ class BasicTransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
-                 max_relative_position: int = 0, image_attention: bool = False):
+                 max_relative_position: int = 0, image_attention: bool = False, ops=None, attention=None):
         super().__init__()
-        self.attn1 = Attention(dim, None, heads, dim_head, max_relative_position)
-        self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, context_dim, heads, dim_head, max_relative_position, image_attention)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        ops = ops or default_ops
+        self.attn1 = Attention(dim, None, heads, dim_head, max_relative_position, ops=ops, attention=attention)
+        self.ff = FeedForward(dim, ops=ops)
+        self.attn2 = Attention(dim, context_dim, heads, dim_head, max_relative_position, image_attention,
+                               ops=ops, attention=attention)
+        self.norm1 = ops.LayerNorm(dim)
+        self.norm2 = ops.LayerNorm(dim)
+        self.norm3 = ops.LayerNorm(dim)
         self.cross = context_dim is not None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
+                image_context: torch.Tensor | None = None, transformer_options=None) -> torch.Tensor:
         """x [G, S, N, dim]: self-attention over N tokens in each of G*S groups; the cross-attention
-        sees the S*N tokens of a group as one query sequence against context [G, L, D]."""
+        sees the S*N tokens of a group as one query sequence against context [G, L, D]. Spatial
+        blocks (cross) with attention patches in transformer_options run `patched_block_forward`."""
+        opts = {} if transformer_options is None else transformer_options
+        if self.cross and has_block_patches(opts):
+            return patched_block_forward(self, x, context, image_context, opts)
         g, s, n, c = x.shape
-        x = self.attn1(self.norm1(x).view(g * s, n, c)).view(g, s, n, c) + x
+        x = self.attn1(self.norm1(x).view(g * s, n, c), transformer_options=opts).view(g, s, n, c) + x
         if self.cross:
-            h = self.attn2(self.norm2(x).view(g, s * n, c), context, image_context)
+            h = self.attn2(self.norm2(x).view(g, s * n, c), context, image_context, transformer_options=opts)
         else:
-            h = self.attn2(self.norm2(x).view(g * s, n, c))
+            h = self.attn2(self.norm2(x).view(g * s, n, c), transformer_options=opts)
         x = h.view(g, s, n, c) + x
         return self.ff(self.norm3(x)) + x
 
@@ -197,24 +258,30 @@ class SpatialTransformer(nn.Module):
     """Per-frame transformer: GroupNorm(eps 1e-6), Linear proj_in, blocks, Linear proj_out, residual."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int = 1,
-                 image_attention: bool = False):
+                 image_attention: bool = False, ops=None, attention=None):
         super().__init__()
+        ops = ops or default_ops
         inner = heads * dim_head
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner)
+        self.norm = ops.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = ops.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, image_attention=image_attention)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, image_attention=image_attention,
+                                  ops=ops, attention=attention)
             for _ in range(depth))
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_out = ops.Linear(inner, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [(b t), c, h, w]; context [b, L, D]; image_context [b, M, D] or None -> like x."""
+                image_context: torch.Tensor | None = None, transformer_options=None) -> torch.Tensor:
+        """x [(b t), c, h, w]; context [b, L, D]; image_context [b, M, D] or None -> like x.
+        Sets transformer_options "activations_shape" and, per block, "block_index" (as ComfyUI's)."""
+        opts = {} if transformer_options is None else transformer_options
+        opts["activations_shape"] = list(x.shape)
         height, width = x.shape[-2:]
         h = rearrange(self.norm(x), "(b t) c h w -> b t (h w) c", t=frames)
         h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, context, image_context)
+        for i, block in enumerate(self.transformer_blocks):
+            opts["block_index"] = i
+            h = block(h, context, image_context, opts)
         h = self.proj_out(h)
         return x + rearrange(h, "b t (h w) c -> (b t) c h w", h=height, w=width)
 
@@ -224,28 +291,33 @@ class TemporalTransformer(nn.Module):
     blocks of two self-attentions, proj_out, residual.
 
     `conv_proj` (the `init_attn` layer) keeps the official kernel-1 Conv1d projections
-    (weights [inner, c, 1]); they are applied as the equal matrix product on channel-last tokens.
+    (weights [inner, c, 1]); they run on the tokens as a batch of length-1 sequences.
+    transformer_options reaches every attention call; spatial patches do not apply here.
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1,
-                 max_relative_position: int = 0, conv_proj: bool = False):
+                 max_relative_position: int = 0, conv_proj: bool = False, ops=None, attention=None):
         super().__init__()
+        ops = ops or default_ops
         inner = heads * dim_head
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        proj = (lambda i, o: nn.Conv1d(i, o, 1)) if conv_proj else nn.Linear
+        self.norm = ops.GroupNorm(32, channels, eps=1e-6)
+        proj = (lambda i, o: ops.Conv1d(i, o, 1)) if conv_proj else ops.Linear
+        self.conv_proj = conv_proj
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, None, max_relative_position)
+            BasicTransformerBlock(inner, heads, dim_head, None, max_relative_position, ops=ops, attention=attention)
             for _ in range(depth))
         self.proj_out = proj(inner, channels)
 
-    @staticmethod
-    def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight = layer.weight
-        return F.linear(x, weight.squeeze(-1) if weight.ndim == 3 else weight, layer.bias)
+    def _project(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [..., c] through a Linear, or a kernel-1 Conv1d as length-1 sequences [N, c, 1]."""
+        if not self.conv_proj:
+            return layer(x)
+        return layer(x.reshape(-1, x.shape[-1], 1)).view(*x.shape[:-1], -1)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, transformer_options=None) -> torch.Tensor:
         """x [(b t), c, h, w] -> same shape."""
+        opts = {} if transformer_options is None else transformer_options
         height, width = x.shape[-2:]
         # One copy into contiguous tokens [b, (h w), t, c]. Viewed as [b, c, (h w), t] this is a
         # channels-last tensor, so GroupNorm pools each group over all frames and positions in place.
@@ -253,7 +325,7 @@ class TemporalTransformer(nn.Module):
         h = self.norm(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         h = self._project(self.proj_in, h)
         for block in self.transformer_blocks:
-            h = block(h)
+            h = block(h, transformer_options=opts)
         h = self._project(self.proj_out, h)
         # Residual on 5D views: the sum takes x's memory layout without an extra copy of h.
         h = rearrange(h, "b (h w) t c -> b t c h w", h=height, w=width)

@@ -16,9 +16,10 @@ from torch import nn
 
 from .checkpoint import COMPONENT_PREFIXES, CheckpointError, describe_state_dict, lazy_state_dict, split_components
 from .config import ModelConfig
-from .conv import Conv2d, Conv3d, channels_last_format
+from .conv import channels_last_format
 from .detect import detect_config, detect_resampler
 from .image_encoder import ImageEncoder, image_encoder_unused_keys
+from .ops import Conv2d, Conv3d
 from .schedule import Schedule, schedule_buffer_shapes, schedule_buffers
 from .text_encoder import TextEncoder
 from .unet import UNet3D
@@ -207,11 +208,12 @@ def assign_weights(module: nn.Module, names: dict[str, str], state_dict, dtype, 
 
 
 def _wants_channels_last(module: nn.Module, key: str, tensor: torch.Tensor) -> bool:
-    """Weights of `vc_model.conv` convolutions are stored channels-last: their activations are, so
-    the convolution never copies its weight into that layout per call, and the GEMM form reads it
-    as is."""
+    """The U-Net's `vc_model.ops` convolution weights are stored channels-last: its activations
+    are, so the convolution never copies its weight into that layout per call, and the GEMM form
+    reads it as is. (The VAE runs NCHW in float32; other ops layers keep the file's layout.)"""
     owner, _, leaf = key.rpartition(".")
-    return (leaf == "weight" and tensor.is_floating_point() and channels_last_format(tensor) is not None
+    return (isinstance(module, UNet3D) and leaf == "weight" and tensor.is_floating_point()
+            and channels_last_format(tensor) is not None
             and isinstance(module.get_submodule(owner), (Conv2d, Conv3d)))
 
 

@@ -10,8 +10,10 @@ The GEMM form gathers, for every output position, the input values under the ker
 one row (im2col: a copy of the input, times the number of taps; small exactly when this path is
 taken) and multiplies by the weight viewed as [out, taps * in] without copying it: the gather
 order follows the weight's memory order (channels-last weights: taps outer, channels inner;
-contiguous ones: channels outer). The result comes out channels-last. Same parameters and keys as
-`nn.Conv2d` / `nn.Conv3d`; other devices and larger inputs take the usual convolution.
+contiguous ones: channels outer). The result comes out channels-last. `vc_model.ops.Conv2d` /
+`Conv3d` take this path when `gemm_applies`; other devices and larger inputs take the usual convolution.
+
+Also here: `upsample_conv`, nearest x2 followed by a 3x3 conv without building the upsampled input.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 # Output positions (batch x spatial) up to which the GEMM form is used on the CPU. Measured
@@ -49,7 +52,9 @@ def conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.view(x.shape[0], *out_size, out_channels).movedim(-1, 1)
 
 
-def _gemm_applies(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
+def gemm_applies(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
+    """True when `conv` on x should take the GEMM form: CPU, zero padding, no groups or dilation, and
+    at most GEMM_MAX_POSITIONS output positions."""
     if x.device.type != "cpu" or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
     if any(d != 1 for d in conv.dilation):
@@ -58,24 +63,31 @@ def _gemm_applies(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
     return x.shape[0] * math.prod(out) <= GEMM_MAX_POSITIONS
 
 
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that runs as one GEMM on the CPU when it has few output positions."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _gemm_applies(self, x):
-            return conv_gemm(x, self.weight, self.bias, self.stride, self.padding)
-        return super().forward(x)
-
-
-class Conv3d(nn.Conv3d):
-    """`nn.Conv3d` that runs as one GEMM on the CPU when it has few output positions."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _gemm_applies(self, x):
-            return conv_gemm(x, self.weight, self.bias, self.stride, self.padding)
-        return super().forward(x)
-
-
 def channels_last_format(tensor: torch.Tensor) -> torch.memory_format | None:
     """The channels-last memory format for a conv weight of this rank (4-d, 5-d), else None."""
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.ndim)
+
+
+# Nearest x2 followed by a 3x3 conv is, for each of the four output phases (row parity a,
+# column parity b), a 2x2 conv of the low-resolution input whose taps are sums of 3x3 taps.
+# PHASE_TAPS[a, tap, k]: which of the 3 kernel rows (or columns) feed tap 0 / 1 of phase a.
+PHASE_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+def upsample_conv(x, weight, bias):
+    """Nearest-neighbour x2 then `conv2d(weight [O, C, 3, 3], bias, padding=1)`. [N, C, H, W] -> [N, O, 2H, 2W]."""
+    n, c, height, width = x.shape
+    o = weight.shape[0]
+    taps = torch.tensor(PHASE_TAPS, dtype=torch.float32, device=weight.device)
+    kernel = torch.einsum("aui,ocij,bvj->abocuv", taps, weight.float(), taps)
+    kernel = rearrange(kernel, "a b o c u v -> (a b o) c u v").to(weight.dtype)
+    bias = bias.repeat(4) if bias is not None else None
+    phases = F.conv2d(x, kernel, bias, padding=1)  # window r covers input rows r-1, r
+    phases = rearrange(phases, "n (a b o) h w -> n a b o h w", a=2, b=2)
+    fmt = torch.channels_last if phases.stride(3) == 1 else torch.contiguous_format
+    out = torch.empty(n, o, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=fmt)
+    out_phases = out.view(n, o, height, 2, width, 2)
+    for a in range(2):
+        for b in range(2):
+            out_phases[:, :, :, a, :, b] = phases[:, a, b, :, a:a + height, b:b + width]
+    return out

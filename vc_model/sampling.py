@@ -133,6 +133,7 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     callback: Callable | None = None,
     shape: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run DDIM from noise to a clean latent [B,C,T,h,w] (float32 or wider).
 
@@ -145,6 +146,8 @@ def sample_ddim(
     fps: None (-> 16), int, or LongTensor [B]. eta scales the per-step noise (official default 1).
     generator: source of the per-step noise, drawn only on steps with sigma > 0.
     callback(i, total, x, pred_x0) runs after every step; raising from it aborts the run.
+    dtype: what the model computes in; its inputs (latent, contexts) are cast to it. None: the
+    model's `dtype` attribute when it has one (`UNet3D.dtype`, its weights' dtype), else the latent's.
     The latent is kept in float32 (half noise is upcast); eps is cast to it.
     """
     if noise is None:
@@ -153,14 +156,17 @@ def sample_ddim(
         noise = _randn(tuple(shape), generator, context.device)
     x = noise.float() if noise.dtype in (torch.float16, torch.bfloat16) else noise
     b, device = x.shape[0], x.device
+    dtype = dtype or getattr(model, "dtype", None) or x.dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"sample_ddim: dtype must be a torch.dtype, got {dtype!r}.")
 
     timesteps = ddim_timesteps(steps, schedule.num_timesteps)
     coefficients = ddim_coefficients(schedule, timesteps, eta)
 
     guided = uncond_context is not None and cfg != 1.0
-    context = _batch(context.to(device), b, "context")
+    context = _batch(context.to(device, dtype), b, "context")
     if image_context is not None:
-        image_context = _batch(image_context.to(device), b, "image_context")
+        image_context = _batch(image_context.to(device, dtype), b, "image_context")
     fps_b = _fps_tensor(fps, b, device)
     if guided:
         context = torch.cat([context, _batch(uncond_context.to(context), b, "uncond_context")])
@@ -175,7 +181,7 @@ def sample_ddim(
     total = len(coefficients)
     for i, c in enumerate(coefficients):
         t = torch.full((n,), c.timestep, dtype=torch.long, device=device)
-        x_in = torch.cat([x, x]) if guided else x
+        x_in = (torch.cat([x, x]) if guided else x).to(dtype)
         eps = model(x_in, t, context, fps=fps_b, image_context=image_context).to(x.dtype)
         if guided:
             e_cond, e_uncond = eps.chunk(2)

@@ -4,6 +4,11 @@ An SD-2.x style U-Net run on frames folded into the batch, `(b t) c h w`, with a
 transformer after every spatial transformer, an extra temporal transformer (`init_attn`) after the
 input conv, optional temporal convolutions in every ResBlock (`temopral_conv`, sic), optional fps
 conditioning and optional decoupled image cross-attention (I2V).
+
+`UNet3D(cfg, ops=None, attention=None)`: every Linear/Conv/GroupNorm/LayerNorm comes from `ops`
+(default `vc_model.ops`), every attention product goes through `attention` (default
+`attention.sdpa_attention`, ComfyUI's calling convention). The forward computes in the dtype of x
+and takes ComfyUI's `transformer_options` (see `vc_model.patches`).
 """
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import ops as default_ops
 from .attention import SpatialTransformer, TemporalTransformer
-from .conv import Conv2d, Conv3d
 from .config import UNetConfig
+from .patches import check_transformer_options
 
 DEFAULT_FPS = 16  # the official forward's default when no fps is given
 
@@ -30,31 +36,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def mlp_embedding(dim: int, out_dim: int) -> nn.Sequential:
+def mlp_embedding(dim: int, out_dim: int, ops=None) -> nn.Sequential:
     """`Linear -> SiLU -> Linear` (keys `.0.` and `.2.`)."""
-    return nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+    ops = ops or default_ops
+    return nn.Sequential(ops.Linear(dim, out_dim), nn.SiLU(), ops.Linear(out_dim, out_dim))
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back (the official `GroupNormSpecific`).
-
-    On CPU a half-precision input with float32 affine parameters takes PyTorch's mixed-dtype kernel,
-    which computes in float32 and rounds once at the end (bitwise the same as casting the input up and
-    the result down), without the two casting passes over the activation.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        if x.device.type == "cpu":
-            return F.group_norm(x, self.num_groups, w, b, self.eps)
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-def temporal_conv_stage(channels: int, first: bool) -> nn.Sequential:
+def temporal_conv_stage(channels: int, first: bool, ops) -> nn.Sequential:
     """GroupNorm -> SiLU -> [dropout slot] -> Conv3d kernel (3,1,1) zero-padded in time."""
-    conv = Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
-    layers = [nn.GroupNorm(32, channels), nn.SiLU()] + ([] if first else [nn.Identity()]) + [conv]
+    conv = ops.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+    layers = [ops.GroupNorm(32, channels), nn.SiLU()] + ([] if first else [nn.Identity()]) + [conv]
     return nn.Sequential(*layers)
 
 
@@ -63,12 +54,13 @@ class TemporalConvBlock(nn.Module):
 
     The GroupNorms see the whole clip, so their statistics pool over frames."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops=None):
         super().__init__()
-        self.conv1 = temporal_conv_stage(channels, first=True)
-        self.conv2 = temporal_conv_stage(channels, first=False)
-        self.conv3 = temporal_conv_stage(channels, first=False)
-        self.conv4 = temporal_conv_stage(channels, first=False)
+        ops = ops or default_ops
+        self.conv1 = temporal_conv_stage(channels, True, ops)
+        self.conv2 = temporal_conv_stage(channels, False, ops)
+        self.conv3 = temporal_conv_stage(channels, False, ops)
+        self.conv4 = temporal_conv_stage(channels, False, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
@@ -76,20 +68,22 @@ class TemporalConvBlock(nn.Module):
 
 class ResBlock(nn.Module):
     """Per-frame ResBlock with the time embedding added as a channel bias, then (VC2 / I2V) the
-    temporal conv block on the unfolded clip."""
+    temporal conv block on the unfolded clip. Its GroupNorms are the official float32
+    `GroupNormSpecific` (the default ops' GroupNorm computes in float32)."""
 
-    def __init__(self, channels: int, out_channels: int, emb_dim: int, temporal_conv: bool = False):
+    def __init__(self, channels: int, out_channels: int, emb_dim: int, temporal_conv: bool = False, ops=None):
         super().__init__()
+        ops = ops or default_ops
         self.in_layers = nn.Sequential(
-            GroupNorm32(32, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+            ops.GroupNorm(32, channels), nn.SiLU(), ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(32, out_channels), nn.SiLU(), nn.Identity(),
-            Conv2d(out_channels, out_channels, 3, padding=1))
+            ops.GroupNorm(32, out_channels), nn.SiLU(), nn.Identity(),
+            ops.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
-                                else Conv2d(channels, out_channels, 1))
+                                else ops.Conv2d(channels, out_channels, 1))
         if temporal_conv:
-            self.temopral_conv = TemporalConvBlock(out_channels)  # (sic): official key name
+            self.temopral_conv = TemporalConvBlock(out_channels, ops)  # (sic): official key name
         else:
             self.temopral_conv = None
 
@@ -108,9 +102,9 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     """3x3 stride-2 conv per frame (`op`)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops=None):
         super().__init__()
-        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = (ops or default_ops).Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -119,25 +113,27 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest x2 then 3x3 conv per frame (`conv`)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops=None):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = (ops or default_ops).Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class Block(nn.ModuleList):
-    """A U-Net stage (`TimestepEmbedSequential`): hands each layer the inputs it needs."""
+    """A U-Net stage (`TimestepEmbedSequential`): hands each layer the inputs it needs, and counts
+    spatial transformers in transformer_options["transformer_index"] as ComfyUI's U-Net does."""
 
-    def forward(self, x, emb, context, image_context, frames):
+    def forward(self, x, emb, context, image_context, frames, transformer_options):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb, frames)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, frames, image_context)
+                x = layer(x, context, frames, image_context, transformer_options)
+                transformer_options["transformer_index"] += 1
             elif isinstance(layer, TemporalTransformer):
-                x = layer(x, frames)
+                x = layer(x, frames, transformer_options)
             else:
                 x = layer(x)
         return x
@@ -146,47 +142,51 @@ class Block(nn.ModuleList):
 class UNet3D(nn.Module):
     """Predicts noise eps for a latent video. See `forward`."""
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, ops=None, attention=None):
         super().__init__()
+        ops = ops or default_ops
         self.cfg = cfg
         mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
         relpos = cfg.temporal_length if cfg.relative_position else 0
+        self.spatial_blocks: dict[tuple[str, int], int] = {}  # (block name, id) -> transformer depth
 
         def res(ch_in, ch_out):
-            return ResBlock(ch_in, ch_out, emb_dim, cfg.temporal_conv)
+            return ResBlock(ch_in, ch_out, emb_dim, cfg.temporal_conv, ops)
 
-        def attention(ch):
+        def attention_layers(ch, where):
             heads = ch // cfg.num_head_channels
+            self.spatial_blocks[where] = cfg.transformer_depth
             return [
                 SpatialTransformer(ch, heads, cfg.num_head_channels, cfg.context_dim,
-                                   cfg.transformer_depth, cfg.image_attention),
-                TemporalTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth, relpos),
+                                   cfg.transformer_depth, cfg.image_attention, ops, attention),
+                TemporalTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth, relpos,
+                                    ops=ops, attention=attention),
             ]
 
-        self.time_embed = mlp_embedding(mc, emb_dim)
-        self.fps_embedding = mlp_embedding(mc, emb_dim) if cfg.fps_cond else None
+        self.time_embed = mlp_embedding(mc, emb_dim, ops)
+        self.fps_embedding = mlp_embedding(mc, emb_dim, ops) if cfg.fps_cond else None
 
-        self.input_blocks = nn.ModuleList([Block([Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Block([ops.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         self.init_attn = None
         if cfg.init_attn:
             self.init_attn = Block([TemporalTransformer(
                 mc, cfg.init_attn_heads, cfg.num_head_channels, cfg.transformer_depth, relpos,
-                conv_proj=True)])
+                conv_proj=True, ops=ops, attention=attention)])
         skip_channels, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers += attention(ch)
+                    layers += attention_layers(ch, ("input", len(self.input_blocks)))
                 self.input_blocks.append(Block(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(Block([Downsample(ch)]))
+                self.input_blocks.append(Block([Downsample(ch, ops)]))
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = Block([res(ch, ch), *attention(ch), res(ch, ch)])
+        self.middle_block = Block([res(ch, ch), *attention_layers(ch, ("middle", 0)), res(ch, ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -194,17 +194,19 @@ class UNet3D(nn.Module):
                 layers = [res(ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers += attention(ch)
+                    layers += attention_layers(ch, ("output", len(self.output_blocks)))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(Upsample(ch, ops))
                     ds //= 2
                 self.output_blocks.append(Block(layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(32, ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
+            ops.GroupNorm(32, ch), nn.SiLU(), ops.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (ComfyUI's BaseModel reads it). With the default
+        ops it is also the dtype to hand inputs in; the forward computes in the dtype of x."""
         return self.out[2].weight.dtype
 
     @property
@@ -219,25 +221,36 @@ class UNet3D(nn.Module):
             if getattr(module, "image_attention", False):
                 module.image_scale = float(value)
 
-    def embed(self, timesteps: torch.Tensor, fps: torch.Tensor | None) -> torch.Tensor:
-        """timesteps [B], fps [B] or None -> time (+ fps) embedding [B, time_embed_dim]."""
+    def embed(self, timesteps: torch.Tensor, fps: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """timesteps [B], fps [B] or None -> time (+ fps) embedding [B, time_embed_dim] in `dtype`."""
         mc = self.cfg.model_channels
-        emb = self.time_embed(timestep_embedding(timesteps, mc).to(self.dtype))
+        emb = self.time_embed(timestep_embedding(timesteps, mc).to(dtype))
         if self.fps_embedding is not None:
-            emb = emb + self.fps_embedding(timestep_embedding(fps, mc).to(self.dtype))
+            emb = emb + self.fps_embedding(timestep_embedding(fps, mc).to(dtype))
         return emb
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, fps=None,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
+                image_context: torch.Tensor | None = None, transformer_options: dict | None = None) -> torch.Tensor:
         """x [B, in_channels, T, h, w] latent video; timesteps [B] or a number; context [B, L, D]
         text tokens; fps None (16), a number or [B] (used only with `fps_cond`); image_context
-        [B, N, D] image tokens (I2V; None: no image branch) -> eps [B, out_channels, T, h, w]."""
+        [B, N, D] image tokens (I2V; None: no image branch); transformer_options: ComfyUI's dict
+        (`vc_model.patches`; a shallow copy is used) -> eps [B, out_channels, T, h, w].
+
+        Computes in x's dtype (context and image_context are cast to it)."""
         b, _, frames = x.shape[:3]
-        dtype, device = self.dtype, x.device
+        dtype, device = x.dtype, x.device
+        options = dict(transformer_options or {})
+        check_transformer_options(options, self.spatial_blocks)
+        options["original_shape"] = list(x.shape)
+        options["transformer_index"] = 0
+        patches = options.get("patches") or {}
+
         timesteps = _per_sample(timesteps, b, device)
         if self.fps_embedding is not None:
             fps = _per_sample(DEFAULT_FPS if fps is None else fps, b, device)
-        emb = self.embed(timesteps, fps)
+        emb = self.embed(timesteps, fps, dtype)
+        for patch in patches.get("emb_patch") or ():
+            emb = patch(emb, self.cfg.model_channels, options)
         context = context.to(dtype)
         if image_context is not None:
             if not self.cfg.image_attention:
@@ -246,17 +259,27 @@ class UNet3D(nn.Module):
 
         # Channels-last throughout: convs run faster, the spatial transformers' token view and the
         # temporal convs' [b, c, t, h, w] view come without copies.
-        h = rearrange(x, "b c t h w -> (b t) c h w").to(dtype, memory_format=torch.channels_last)
-        cond = (emb, context, image_context, frames)
+        h = rearrange(x, "b c t h w -> (b t) c h w").contiguous(memory_format=torch.channels_last)
+        cond = (emb, context, image_context, frames, options)
         skips = []
         for i, block in enumerate(self.input_blocks):
+            options["block"] = ("input", i)
             h = block(h, *cond)
             if i == 0 and self.init_attn is not None:
                 h = self.init_attn(h, *cond)
+            for patch in patches.get("input_block_patch") or ():
+                h = patch(h, options)
             skips.append(h)
+            for patch in patches.get("input_block_patch_after_skip") or ():
+                h = patch(h, options)
+        options["block"] = ("middle", 0)
         h = self.middle_block(h, *cond)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), *cond)
+        for i, block in enumerate(self.output_blocks):
+            options["block"] = ("output", i)
+            skip = skips.pop()
+            for patch in patches.get("output_block_patch") or ():
+                h, skip = patch(h, skip, options)
+            h = block(torch.cat([h, skip], dim=1), *cond)
         return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=frames).contiguous()
 
 

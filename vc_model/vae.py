@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from . import ops as default_ops
+from .attention import sdpa_attention
 from .config import VAEConfig
 
 # Default chunks (at least one frame each). CPU: a fixed small chunk, 64 KiB of pixels x element
@@ -22,56 +24,51 @@ CPU_CHUNK_PIXEL_BYTES = 4 * 128 * 128
 BYTES_PER_PIXEL = 1000  # x element size: activation bytes in flight per output pixel (measured ~850)
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm(32, eps 1e-6), optionally followed by swish. [N, C, H, W] -> same.
+def centre_groups(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
+    """x [N, C, H, W] minus an estimate of each group's mean (every 8th row and column; a group norm
+    is shift-invariant), when some group's mean is large against its spread; else x itself.
 
-    PyTorch's CPU and CUDA kernels accumulate float16/bfloat16 statistics in float32 (measured:
-    identical to upcasting), so half inputs run natively there; other backends upcast. The CPU
-    channels-last kernel takes the variance as E[x^2] - E[x]^2, which cancels badly when a group's
-    mean is large against its spread: there, such groups are centred first.
-    """
+    PyTorch's CPU channels-last GroupNorm takes the variance as E[x^2] - E[x]^2, which cancels badly
+    for such groups; `norm` applies this before every GroupNorm of the VAE on that path."""
+    sample = rearrange(x[:, :, ::8, ::8].float(), "n (g c) h w -> n g (c h w)", g=num_groups)
+    var, mean = torch.var_mean(sample, dim=2, correction=0)
+    limit = 64.0 if x.dtype in (torch.float16, torch.bfloat16) else 0.0  # error ~ eps32 * ratio
+    if bool((mean.square() <= limit * var + eps).all()):
+        return x
+    shift = repeat(mean, "n g -> n (g c) 1 1", c=x.shape[1] // num_groups)
+    return x - shift.to(x.dtype)
 
-    def __init__(self, channels: int, act: bool = False):
-        super().__init__(32, channels, eps=1e-6)
-        self.act = act
 
-    def forward(self, x):
-        if x.device.type == "cpu" and not x.is_contiguous():
-            x = self._centre(x)
-        if x.dtype in (torch.float16, torch.bfloat16) and x.device.type not in ("cpu", "cuda"):
-            w, b = self.weight.float(), self.bias.float()
-            h = F.group_norm(x.float(), self.num_groups, w, b, self.eps)
-            return (F.silu(h, inplace=True) if self.act else h).to(x.dtype)
-        h = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.silu(h, inplace=True) if self.act else h
+def norm(layer: nn.GroupNorm, x: torch.Tensor, act: bool = False) -> torch.Tensor:
+    """The VAE's GroupNorm(32, eps 1e-6) `layer` (an ops layer), then swish if `act`. [N, C, H, W] -> same.
 
-    def _centre(self, x):
-        """x [N, C, H, W] minus an estimate of each group's mean (every 8th row and column; the
-        norm is shift-invariant), when some group's mean is large against its spread."""
-        sample = rearrange(x[:, :, ::8, ::8].float(), "n (g c) h w -> n g (c h w)", g=self.num_groups)
-        var, mean = torch.var_mean(sample, dim=2, correction=0)
-        limit = 64.0 if x.dtype in (torch.float16, torch.bfloat16) else 0.0  # error ~ eps32 * ratio
-        if bool((mean.square() <= limit * var + self.eps).all()):
-            return x
-        shift = repeat(mean, "n g -> n (g c) 1 1", c=x.shape[1] // self.num_groups)
-        return x - shift.to(x.dtype)
+    On the CPU's channels-last kernel, groups whose mean dwarfs their spread are centred first."""
+    if x.device.type == "cpu" and not x.is_contiguous():
+        x = centre_groups(x, layer.num_groups, layer.eps)
+    h = layer(x)
+    return F.silu(h, inplace=True) if act else h
+
+
+def group_norm(dim: int, ops) -> nn.GroupNorm:
+    return ops.GroupNorm(32, dim, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     """GN-swish-conv3x3, GN-swish-conv3x3, plus the input (1x1 `nin_shortcut` if widths differ)."""
 
-    def __init__(self, dim: int, dim_out: int):
+    def __init__(self, dim: int, dim_out: int, ops=None, attention=None):
         super().__init__()
-        self.norm1 = GroupNorm(dim, act=True)
-        self.conv1 = nn.Conv2d(dim, dim_out, 3, padding=1)
-        self.norm2 = GroupNorm(dim_out, act=True)
-        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+        ops = ops or default_ops
+        self.norm1 = group_norm(dim, ops)
+        self.conv1 = ops.Conv2d(dim, dim_out, 3, padding=1)
+        self.norm2 = group_norm(dim_out, ops)
+        self.conv2 = ops.Conv2d(dim_out, dim_out, 3, padding=1)
         if dim != dim_out:
-            self.nin_shortcut = nn.Conv2d(dim, dim_out, 1)
+            self.nin_shortcut = ops.Conv2d(dim, dim_out, 1)
 
     def forward(self, x):
         """x [N, dim, H, W] -> [N, dim_out, H, W]"""
-        h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
+        h = self.conv2(norm(self.norm2, self.conv1(norm(self.norm1, x, True)), True))
         skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return h.add_(skip)
 
@@ -79,23 +76,23 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, 1x1 conv q/k/v/proj_out, residual."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ops=None, attention=None):
         super().__init__()
-        self.norm = GroupNorm(dim)
-        self.q = nn.Conv2d(dim, dim, 1)
-        self.k = nn.Conv2d(dim, dim, 1)
-        self.v = nn.Conv2d(dim, dim, 1)
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        ops = ops or default_ops
+        self.attention = attention or sdpa_attention
+        self.norm = group_norm(dim, ops)
+        self.q = ops.Conv2d(dim, dim, 1)
+        self.k = ops.Conv2d(dim, dim, 1)
+        self.v = ops.Conv2d(dim, dim, 1)
+        self.proj_out = ops.Conv2d(dim, dim, 1)
 
     def forward(self, x):
         """x [N, C, H, W] -> same"""
-        n, c, height, width = x.shape
-        tokens = rearrange(self.norm(x), "n c h w -> n (h w) c")
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * c, c)
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = rearrange(F.linear(tokens, weight, bias), "n l (qkv c) -> qkv n 1 l c", qkv=3)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale c^-0.5
-        out = rearrange(out, "n 1 (h w) c -> n c h w", h=height)  # channels-last strides
+        height = x.shape[2]
+        h = norm(self.norm, x)
+        q, k, v = (rearrange(conv(h), "n c h w -> n (h w) c") for conv in (self.q, self.k, self.v))
+        out = self.attention(q, k, v, 1, transformer_options={})  # scale c^-0.5
+        out = rearrange(out, "n (h w) c -> n c h w", h=height)  # channels-last strides
         if x.is_contiguous():  # keep NCHW (oneDNN's NHWC float32 convs round differently)
             out = out.contiguous()
         return self.proj_out(out).add_(x)
@@ -104,61 +101,39 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     """Zero-pad right/bottom by one, then 3x3 stride-2 conv: [N, C, H, W] -> [N, C, H//2, W//2]."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ops=None, attention=None):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, 3, stride=2)
+        self.conv = (ops or default_ops).Conv2d(dim, dim, 3, stride=2)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-# Nearest x2 followed by a 3x3 conv is, for each of the four output phases (row parity a,
-# column parity b), a 2x2 conv of the low-resolution input whose taps are sums of 3x3 taps.
-# PHASE_TAPS[a, tap, k]: which of the 3 kernel rows (or columns) feed tap 0 / 1 of phase a.
-PHASE_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
-
-
-def upsample_conv(x, weight, bias):
-    """Nearest-neighbour x2 then `conv2d(weight [O, C, 3, 3], bias, padding=1)`, without building
-    the upsampled input (4 taps instead of 9 per output). [N, C, H, W] -> [N, O, 2H, 2W]."""
-    n, c, height, width = x.shape
-    o = weight.shape[0]
-    taps = torch.tensor(PHASE_TAPS, dtype=torch.float32, device=weight.device)
-    kernel = torch.einsum("aui,ocij,bvj->abocuv", taps, weight.float(), taps)
-    kernel = rearrange(kernel, "a b o c u v -> (a b o) c u v").to(weight.dtype)
-    phases = F.conv2d(x, kernel, bias.repeat(4), padding=1)  # window r covers input rows r-1, r
-    phases = rearrange(phases, "n (a b o) h w -> n a b o h w", a=2, b=2)
-    fmt = torch.channels_last if phases.stride(3) == 1 else torch.contiguous_format
-    out = torch.empty(n, o, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=fmt)
-    out_phases = out.view(n, o, height, 2, width, 2)
-    for a in range(2):
-        for b in range(2):
-            out_phases[:, :, :, a, :, b] = phases[:, a, b, :, a:a + height, b:b + width]
-    return out
-
-
 class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv: [N, C, H, W] -> [N, C, 2H, 2W]."""
+    """Nearest x2 then 3x3 conv: [N, C, H, W] -> [N, C, 2H, 2W] (the ops conv's
+    `upsample_nearest2x` when it has one: no upsampled input is built)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ops=None, attention=None):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.conv = (ops or default_ops).Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x):
-        return upsample_conv(x, self.conv.weight, self.conv.bias)
+        if hasattr(self.conv, "upsample_nearest2x"):
+            return self.conv.upsample_nearest2x(x)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class Level(nn.Module):
     """One resolution: ResnetBlocks (each followed by an AttnBlock if `attn`), then a resampler
     stored under `resample_name` (`downsample` / `upsample`), if any."""
 
-    def __init__(self, dim, dim_out, blocks, attn, resample=None, resample_name="downsample"):
+    def __init__(self, dim, dim_out, blocks, attn, resample=None, resample_name="downsample", ops=None, attention=None):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(dim if i == 0 else dim_out, dim_out) for i in range(blocks))
-        self.attn = nn.ModuleList(AttnBlock(dim_out) for _ in range(blocks if attn else 0))
+        self.block = nn.ModuleList(ResnetBlock(dim if i == 0 else dim_out, dim_out, ops) for i in range(blocks))
+        self.attn = nn.ModuleList(AttnBlock(dim_out, ops, attention) for _ in range(blocks if attn else 0))
         self.resample_name = resample_name
         if resample is not None:
-            setattr(self, resample_name, resample(dim_out))
+            setattr(self, resample_name, resample(dim_out, ops))
 
     def forward(self, x):
         for i, block in enumerate(self.block):
@@ -172,11 +147,11 @@ class Level(nn.Module):
 class Mid(nn.Module):
     """ResnetBlock, AttnBlock, ResnetBlock at constant width."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ops=None, attention=None):
         super().__init__()
-        self.block_1 = ResnetBlock(dim, dim)
-        self.attn_1 = AttnBlock(dim)
-        self.block_2 = ResnetBlock(dim, dim)
+        self.block_1 = ResnetBlock(dim, dim, ops)
+        self.attn_1 = AttnBlock(dim, ops, attention)
+        self.block_2 = ResnetBlock(dim, dim, ops)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -185,55 +160,59 @@ class Mid(nn.Module):
 class Encoder(nn.Module):
     """Frames [N, in_channels, H, W] -> moments [N, 2*z_channels, H/f, W/f] (f = cfg.downscale)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops=None, attention=None):
         super().__init__()
+        ops = ops or default_ops
         widths = [cfg.ch * m for m in (1,) + tuple(cfg.ch_mult)]
         last = len(cfg.ch_mult) - 1
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList(
             Level(widths[i], widths[i + 1], cfg.num_res_blocks,
                   attn=(cfg.resolution >> i) in cfg.attn_resolutions,
-                  resample=Downsample if i != last else None, resample_name="downsample")
+                  resample=Downsample if i != last else None, resample_name="downsample",
+                  ops=ops, attention=attention)
             for i in range(len(cfg.ch_mult))
         )
-        self.mid = Mid(widths[-1])
-        self.norm_out = GroupNorm(widths[-1], act=True)
+        self.mid = Mid(widths[-1], ops, attention)
+        self.norm_out = group_norm(widths[-1], ops)
         out = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
-        self.conv_out = nn.Conv2d(widths[-1], out, 3, padding=1)
+        self.conv_out = ops.Conv2d(widths[-1], out, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(self.norm_out(self.mid(h)))
+        return self.conv_out(norm(self.norm_out, self.mid(h), True))
 
 
 class Decoder(nn.Module):
     """Latent [N, z_channels, h, w] -> frames [N, out_ch, h*f, w*f]. `up[i]` is the level at
     resolution i (official order: built from the lowest resolution, run from `up[-1]` to `up[0]`)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops=None, attention=None):
         super().__init__()
+        ops = ops or default_ops
         levels = len(cfg.ch_mult)
         width = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, width, 3, padding=1)
-        self.mid = Mid(width)
+        self.conv_in = ops.Conv2d(cfg.z_channels, width, 3, padding=1)
+        self.mid = Mid(width, ops, attention)
         up = []
         for i in reversed(range(levels)):
             width_out = cfg.ch * cfg.ch_mult[i]
             up.insert(0, Level(width, width_out, cfg.num_res_blocks + 1,
                                attn=(cfg.resolution >> i) in cfg.attn_resolutions,
-                               resample=Upsample if i != 0 else None, resample_name="upsample"))
+                               resample=Upsample if i != 0 else None, resample_name="upsample",
+                               ops=ops, attention=attention))
             width = width_out
         self.up = nn.ModuleList(up)
-        self.norm_out = GroupNorm(width, act=True)
-        self.conv_out = nn.Conv2d(width, cfg.out_ch, 3, padding=1)
+        self.norm_out = group_norm(width, ops)
+        self.conv_out = ops.Conv2d(width, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(self.norm_out(h))
+        return self.conv_out(norm(self.norm_out, h, True))
 
 
 def _frame_ranges(n_frames: int, chunk: int):
@@ -259,17 +238,23 @@ def _scatter(out, frames, n0: int):
 
 
 class VideoVAE(nn.Module):
-    """KL autoencoder applied to each frame of a video. Computes in the dtype of its weights."""
+    """KL autoencoder applied to each frame of a video.
 
-    def __init__(self, cfg: VAEConfig):
+    `VideoVAE(cfg, ops=None, attention=None)`: layers from `ops` (default `vc_model.ops`), the mid
+    block's attention through `attention` (ComfyUI's calling convention). The modules compute in
+    the dtype of their input; `encode`/`decode`/`posterior`/`decode_frames` hand them the frames in
+    the weights' dtype, on the weights' device."""
+
+    def __init__(self, cfg: VAEConfig, ops=None, attention=None):
         super().__init__()
         if not cfg.double_z:
             raise ValueError("the KL autoencoder needs double_z (mean and log-variance)")
+        ops = ops or default_ops
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.encoder = Encoder(cfg, ops, attention)
+        self.decoder = Decoder(cfg, ops, attention)
+        self.quant_conv = ops.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = ops.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     @property
     def dtype(self) -> torch.dtype:
