@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
@@ -85,7 +86,7 @@ def apply(model, turbo_name: str, guidance: float, motion_guidance: float, motio
     if len(accepted) != len(patches):
         missing = sorted(set(patches) - set(accepted))[:3]
         raise TurboError(f"The MODEL has no weights {', '.join(missing)}: T2V-Turbo needs the plain VideoCrafter2 model.")
-    for name, layer in _guidance_modules(parts, dtype).items():
+    for name, layer in _guidance_modules(parts, inner.diffusion_model, dtype).items():
         patched.add_object_patch(f"diffusion_model.{name}", layer)
     plain = Schedule.from_config(replace(inner.release.schedule, use_scale=False))
     patched.add_object_patch("model_sampling", ModelSamplingVideoCrafter(inner.model_config, plain))
@@ -95,9 +96,12 @@ def apply(model, turbo_name: str, guidance: float, motion_guidance: float, motio
     return patched
 
 
-def _guidance_modules(parts: TurboParts, dtype) -> dict:
-    """The guidance projections with their final weights, on the offload device in the model's dtype."""
-    layers = guidance_layers(parts.config)
+def _guidance_modules(parts: TurboParts, diffusion_model, dtype) -> dict:
+    """The guidance projections with their final weights, built from the diffusion model's own ops (so
+    ComfyUI casts and offloads them like its other layers), on the offload device in the model's dtype."""
+    ops = SimpleNamespace(Linear=type(diffusion_model.time_embed[0]))  # the ops class its Linears were built from
+    with torch.device("meta"):
+        layers = guidance_layers(parts.config, ops)
     device = mm.unet_offload_device()
     for name, layer in layers.items():
         layer.weight = torch.nn.Parameter(parts.guidance[f"{name}.weight"].to(device=device, dtype=dtype),

@@ -83,6 +83,7 @@ def sample_turbo(
     motion_guidance: float | None = None,
     motion_percentage: float = 0.5,
     callback: Callable | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run the T2V-Turbo sampler from x_T [B,C,T,h,w] -> the final latent (float32).
 
@@ -93,15 +94,18 @@ def sample_turbo(
     noises: replaces those draws, a list (or tensor) with one noise like x_T per step (the last may be left
     out). motion_guidance: v2's m (None: no motion path), given on the first `motion_percentage` of the
     schedule and 0 after. callback(i, total, x_next, denoised) after every step; raising from it aborts.
+    dtype: what the U-Net computes in; its inputs are cast to it (None: the U-Net's `dtype` attribute, else
+    the latent's). The latent stays float32; eps is cast to it.
     """
     x = x_T.float() if x_T.dtype in (torch.float16, torch.bfloat16) else x_T
     b, device = x.shape[0], x.device
+    dtype = dtype or getattr(unet, "dtype", None) or x.dtype
     timesteps = turbo_timesteps(steps, schedule.num_timesteps)
     if noises is not None and not steps - 1 <= len(noises) <= steps:
         raise ValueError(f"noises must hold one noise per step ({steps}, or {steps - 1} without the unused last one), "
                          f"got {len(noises)}.")
     ac = schedule.alphas_cumprod.double().tolist()
-    context = _batch(context.to(device), b, "context")
+    context = _batch(context.to(device, dtype), b, "context")
     fps = _fps_tensor(fps, b, device)
     if isinstance(guidance, torch.Tensor):
         guidance = _batch(guidance.reshape(-1).to(device), b, "guidance")
@@ -111,7 +115,7 @@ def sample_turbo(
         ts = torch.full((b,), t, dtype=torch.long, device=device)
         m = None if motion_guidance is None else motion_guidance_at(t, motion_guidance, motion_percentage,
                                                                     schedule.num_timesteps)
-        eps = unet(x, ts, context, fps=fps, guidance=guidance, motion_guidance=m).to(x.dtype)
+        eps = unet(x.to(dtype), ts, context, fps=fps, guidance=guidance, motion_guidance=m).to(x.dtype)
         noise = None
         if steps > 1:
             if noises is not None:
