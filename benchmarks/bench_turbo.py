@@ -111,9 +111,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per worker (50 full-size DDIM steps on a "
+                                                                   "busy CPU take long)")
     args = parser.parse_args()
 
-    results = [common.run_worker(__file__, spec) for spec in configurations(args)]
+    results = [common.run_worker(__file__, spec, timeout=args.timeout) for spec in configurations(args)]
     ddim = {r["dtype"]: r for r in results if r["sampler"] == "ddim" and "error" not in r}
     rows = []
     for r in results:

@@ -16,7 +16,6 @@ official timesteps for 4 or 8 steps (see turbo_sampling.py); VideoCrafter Turbo 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -73,8 +72,7 @@ def apply(model, turbo_name: str, guidance: float, motion_guidance: float, motio
     inner = videocrafter_model(model)
     if is_turbo(model):
         raise TurboError("This MODEL already has T2V-Turbo applied: apply it once, to the plain VideoCrafter2 model.")
-    parts = prepare_turbo(inner.release.unet, load_turbo(turbo_path(turbo_name)),
-                          name=f"'{os.path.basename(turbo_name)}' on {inner.release.name}")
+    parts = prepare_turbo(inner.release.unet, load_turbo(turbo_path(turbo_name)), name=inner.release.name)
     dtype = inner.get_dtype()
     patched = model.clone()
     if parts.version == "v1":

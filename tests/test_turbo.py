@@ -143,6 +143,25 @@ def test_merged_v1_eps_matches_the_official(golden, turbo_v1):
     assert within(cond, tensors["intermediate.time_cond_embed"], 1e-3, 0)[0]
 
 
+def test_guidance_layers_come_from_ops_and_manual_cast_keeps_the_official_eps(golden, turbo_v1):
+    from dataclasses import replace
+
+    from test_ops import SpyOps, cast_ops, layers_not_from, params_outside_ops
+
+    with torch.device("meta"):
+        spied = UNet3D(replace(turbo_v1.config.unet, motion_cond_proj_dim=256), ops=SpyOps)
+    assert spied.time_cond_proj.spy and spied.motion_cond_proj.spy and spied.combine_proj.spy
+    assert layers_not_from(spied, SpyOps) == [] and params_outside_ops(spied, SpyOps) == []
+    tensors, _ = golden
+    with torch.device("meta"):
+        model = UNet3D(turbo_v1.config.unet, ops=cast_ops(torch.float64))
+    model.load_state_dict({k: v.double() for k, v in turbo_v1.unet.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        eps = model.eval()(tensors["input.x"], tensors["input.timesteps"], tensors["input.context"],
+                           fps=tensors["input.fps"], guidance=tensors["input.guidance"])
+    assert eps.dtype == torch.float32 and within(eps, tensors["output.eps"])[0]
+
+
 def test_apply_turbo_leaves_the_base_bundle_unchanged(base, turbo_v1):
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
     vc_model.apply_turbo(base, vc_model.load_turbo(FIXTURES / "unet_lora.pt"))
