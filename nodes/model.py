@@ -35,7 +35,7 @@ class VideoCrafterLatent(comfy.latent_formats.SD15):
 
 
 class ModelSamplingVideoCrafter(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
-    """EPS sampling on the sigma' = sigma / s table of `use_scale` (see nodes/sigmas.py).
+    """EPS sampling on the sigma' = sigma / s table of `use_scale`; the maths is nodes/sigmas.py's.
 
     The sigma table, timestep lookup and schedulers are ModelSamplingDiscrete's own, on sigma'.
     Only the model input (x * s / sqrt(1 + (sigma' s)^2)) and a start from pure noise differ.
@@ -55,18 +55,10 @@ class ModelSamplingVideoCrafter(comfy.model_sampling.ModelSamplingDiscrete, comf
         return vs.interpolate_scale(sigma, self.log_sigmas, self.signal_scales)
 
     def calculate_input(self, sigma, noise):
-        sigma = comfy.model_sampling.reshape_sigma(sigma, noise.ndim)
-        return noise * vs.input_scale(sigma, self.signal_scale(sigma))
+        return vs.model_input(sigma, noise, self.log_sigmas, self.signal_scales)
 
     def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-        """Like EPS; a start from an empty latent is official pure noise x_T = N(0, I) in model space."""
-        sigma = comfy.model_sampling.reshape_sigma(sigma, noise.ndim)
-        empty = latent_image is None or not bool(torch.any(latent_image != 0))
-        if max_denoise or empty:
-            noise = noise * vs.pure_noise_scale(sigma, self.signal_scale(sigma))
-        else:
-            noise = noise * sigma
-        return noise if latent_image is None else noise + latent_image
+        return vs.noised_latent(sigma, noise, latent_image, self.log_sigmas, self.signal_scales, max_denoise)
 
 
 class VideoCrafterModelConfig(comfy.supported_models_base.BASE):

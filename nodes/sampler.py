@@ -10,7 +10,6 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..vc_model.sampling import ddim_timesteps
 from . import sigmas as vs
 from .conditioning import has_image, image_count, videocrafter_model
 from .guards import explain_out_of_memory, sampling_oom
@@ -23,13 +22,6 @@ def ddim_sampler(eta: float) -> comfy.samplers.KSAMPLER:
     if problem:
         raise ValueError(problem)
     return comfy.samplers.KSAMPLER(vs.sample_videocrafter_ddim, extra_options={"eta": float(eta)})
-
-
-def official_sigmas(model, steps: int):
-    """Sigmas of the official DDIM timesteps, ending on the t=0 level like the official last step."""
-    sampling = model.get_model_object("model_sampling")
-    timesteps = ddim_timesteps(steps, int(sampling.sigmas.shape[0]))
-    return vs.ddim_sigmas(sampling.log_sigmas.cpu(), timesteps, final_level=True)
 
 
 def sample(model, positive, negative, latent, seed: int, steps: int, cfg: float, eta: float):
@@ -54,16 +46,13 @@ def sample(model, positive, negative, latent, seed: int, steps: int, cfg: float,
 
 def _sample(model, positive, negative, latent, seed, steps, cfg, eta):
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    sigmas = official_sigmas(model, steps)
+    sampling = model.get_model_object("model_sampling")
+    sigmas = vs.official_ddim_sigmas(sampling.log_sigmas.cpu(), steps)
     noise = comfy.sample.prepare_noise(samples, seed)
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
     out = comfy.sample.sample_custom(model, noise, cfg, ddim_sampler(eta), sigmas, positive, negative, samples,
                                      noise_mask=latent.get("noise_mask"), callback=callback,
                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    # The official sampler returns x at the t=0 level, i.e. y * sqrt(alphas_cumprod[0]) * s_0.
-    sampling = model.get_model_object("model_sampling")
-    last = sigmas[-1:]
-    out = out * float(vs.input_scale(last, sampling.signal_scale(last)).item())
     result = latent.copy()
-    result["samples"] = out
+    result["samples"] = vs.official_latent(out, sigmas[-1:], sampling.log_sigmas, sampling.signal_scales)
     return result

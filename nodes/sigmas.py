@@ -1,7 +1,8 @@
 """VideoCrafter's `use_scale` schedule in ComfyUI's sigma space, and the official DDIM as a sampler.
 
-No ComfyUI import here: `model.py` wraps these functions into a ModelSampling, `sampler.py` into a
-KSAMPLER, and the tests run them against `vc_model.sample_ddim` without a host.
+No ComfyUI import here: `model.py`'s ModelSampling and `sampler.py`'s KSAMPLER and VideoCrafter
+Sampler are one-line calls of these functions, so the host-free tests run exactly this code against
+`vc_model.sample_ddim`; the host tests run the ComfyUI classes themselves.
 
 VideoCrafter trains on x_t = sqrt(a_t) * s_t * x0 + sqrt(1 - a_t) * eps, with a_t = alphas_cumprod[t]
 and s_t = scale_arr[t] (1 without `use_scale`). Dividing by sqrt(a_t) * s_t gives ComfyUI's
@@ -21,6 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..vc_model.sampling import ddim_timesteps
 
 
 def sigma_tables(alphas_cumprod: torch.Tensor, scale_arr: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +66,49 @@ def input_scale(sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def pure_noise_scale(sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """y of unit-variance noise x_T at level sigma': sqrt(1 + (sigma' s)^2) / s = 1 / input_scale."""
     return ((sigma * s) ** 2 + 1.0).sqrt() / s
+
+
+def per_sample(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    """sigma [B] (or one value) shaped to broadcast over a latent of `ndim` dims (ComfyUI's convention)."""
+    if sigma.nelement() == 1:
+        return sigma.view(())
+    return sigma.view(sigma.shape[:1] + (1,) * (ndim - 1))
+
+
+def model_input(sigma: torch.Tensor, y: torch.Tensor, log_sigmas: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's y = x0 + sigma' eps -> the U-Net input x_t = sqrt(a_t) s_t x0 + sqrt(1 - a_t) eps."""
+    sigma = per_sample(sigma, y.ndim)
+    return y * input_scale(sigma, interpolate_scale(sigma, log_sigmas, scales))
+
+
+def noised_latent(sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor | None,
+                  log_sigmas: torch.Tensor, scales: torch.Tensor, max_denoise: bool = False) -> torch.Tensor:
+    """The starting y for sampling from `sigma` (ComfyUI's `noise_scaling`).
+
+    From an empty (all-zero or missing) latent, or with max_denoise, the start is the official pure
+    noise x_T = N(0, I) in model space, i.e. y = noise / input_scale; otherwise EPS's
+    latent + sigma' * noise (img2img from an encoded video).
+    """
+    sigma = per_sample(sigma, noise.ndim)
+    empty = latent_image is None or not bool(torch.any(latent_image != 0))
+    if max_denoise or empty:
+        noise = noise * pure_noise_scale(sigma, interpolate_scale(sigma, log_sigmas, scales))
+    else:
+        noise = noise * sigma
+    return noise if latent_image is None else noise + latent_image
+
+
+def official_latent(y: torch.Tensor, sigma: torch.Tensor, log_sigmas: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y at the level `sigma` -> the model-space latent the official sampler returns there.
+
+    The official DDIM stops at the t=0 level and returns x = y * sqrt(alphas_cumprod[0]) * s_0."""
+    sigma = sigma.reshape(-1)[:1]
+    return y * float(input_scale(sigma, interpolate_scale(sigma, log_sigmas, scales)).item())
+
+
+def official_ddim_sigmas(log_sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """Sigmas of the official DDIM timesteps for `steps`, ending on the t=0 level like the official last step."""
+    return ddim_sigmas(log_sigmas, ddim_timesteps(steps, int(log_sigmas.shape[0])), final_level=True)
 
 
 def ddim_sigmas(log_sigmas: torch.Tensor, timesteps: list[int], final_level: bool) -> torch.Tensor:

@@ -1,11 +1,16 @@
 """Host-free checks of the nodes' sampling maths (nodes/sigmas.py, nodes/diffusion.py).
 
-The sigma-space schedule and the DDIM sampler function are what ComfyUI runs; here they drive the
-tiny random U-Net through a stand-in for ComfyUI's denoiser wrapper and are compared with
-`vc_model.sample_ddim`, the official DDIM (itself checked against golden fixtures in test_sampling.py).
+`ModelSamplingVideoCrafter` (nodes/model.py) and VideoCrafter Sampler (nodes/sampler.py) are one-line
+calls of the nodes/sigmas.py functions tested here, so these tests run the shipped maths; the ComfyUI
+classes themselves are run by tests/host/test_model_sampling.py. What ComfyUI itself contributes
+(its timestep lookup, `calculate_denoised` and CFG) is stood in by `comfy_denoiser` below, and the
+result is compared with `vc_model.sample_ddim`, the official DDIM (checked against golden fixtures
+in test_sampling.py).
 """
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,41 +24,36 @@ vcm = pack_module("vc_model")
 config_mod = pack_module("vc_model.config")
 
 
-class ScaledSampling:
-    """What ModelSamplingVideoCrafter computes, without ComfyUI."""
-
-    def __init__(self, schedule):
-        self.sigmas, self.signal_scales = vs.sigma_tables(schedule.alphas_cumprod, schedule.scale_arr)
-        self.log_sigmas = self.sigmas.log()
-
-    def signal_scale(self, sigma):
-        return vs.interpolate_scale(sigma, self.log_sigmas, self.signal_scales)
-
-    def timestep(self, sigma):
-        return (sigma.log()[:, None] - self.log_sigmas[None]).abs().argmin(dim=1)
+def tables(schedule):
+    """(sigmas, log_sigmas, scales) as ModelSamplingVideoCrafter registers them."""
+    sigmas, scales = vs.sigma_tables(schedule.alphas_cumprod, schedule.scale_arr)
+    return sigmas, sigmas.log(), scales
 
 
-class Denoiser:
-    """ComfyUI's wrapper in miniature: y-space x and sigma in, CFG'd denoised x0 out."""
+def comfy_timestep(sigma, log_sigmas):
+    """ComfyUI's ModelSamplingDiscrete.timestep: the nearest table entry in log sigma."""
+    return (sigma.log()[None] - log_sigmas[:, None]).abs().argmin(dim=0)
 
-    def __init__(self, unet, sampling, context, uncond, cfg, fps, clip_tokens=None, uncond_tokens=None):
-        self.model_sampling = sampling
-        self.unet, self.context, self.uncond, self.cfg, self.fps = unet, context, uncond, cfg, fps
-        self.clip_tokens, self.uncond_tokens = clip_tokens, uncond_tokens
 
-    def __call__(self, y, sigma):
-        s = self.model_sampling.signal_scale(sigma).view(-1, 1, 1, 1, 1)
-        sig = sigma.view(-1, 1, 1, 1, 1)
-        x_in = y * vs.input_scale(sig, s)
-        t = self.model_sampling.timestep(sigma)
+def comfy_denoiser(unet, log_sigmas, scales, context, uncond, cfg, fps, clip_tokens=None, uncond_tokens=None):
+    """ComfyUI's BaseModel.apply_model + CFG around our maths: y-space x and sigma in, CFG'd denoised out.
+
+    The model input is `vs.model_input` (our calculate_input); the denoised value is EPS's
+    y - sigma * eps; `model_sampling.signal_scale` is what sample_videocrafter_ddim looks up."""
+    def denoise(y, sigma):
+        x_in = vs.model_input(sigma, y, log_sigmas, scales)
+        t = comfy_timestep(sigma, log_sigmas)
         kwargs = {}
-        if self.clip_tokens is not None:
-            kwargs["clip_tokens"] = torch.cat([self.clip_tokens, self.uncond_tokens])
-        eps = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([self.context, self.uncond]),
-                        fps=torch.full((2 * y.shape[0],), self.fps), **kwargs)
+        if clip_tokens is not None:
+            kwargs["clip_tokens"] = torch.cat([clip_tokens, uncond_tokens])
+        eps = unet(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([context, uncond]),
+                   fps=torch.full((2 * y.shape[0],), fps), **kwargs)
         e_c, e_u = eps.chunk(2)
-        eps = e_u + self.cfg * (e_c - e_u)
-        return y - sig * eps
+        return y - vs.per_sample(sigma, y.ndim) * (e_u + cfg * (e_c - e_u))
+
+    denoise.model_sampling = SimpleNamespace(
+        signal_scale=functools.partial(vs.interpolate_scale, log_sigmas=log_sigmas, scales=scales))
+    return denoise
 
 
 @pytest.fixture(scope="module", params=["t2v", "v1", "i2v"])
@@ -93,6 +93,9 @@ def _reference(cfg, bundle, noise, text, uncond, tokens, uncond_tokens, steps, e
     return final, last["x0"]
 
 
+# ---- the schedule in sigma space ------------------------------------------------------------------------
+
+
 def test_sigma_table_is_increasing_and_exact_without_scale():
     sched = vcm.Schedule.from_config(config_mod.ScheduleConfig(use_scale=False))
     sigmas, scales = vs.sigma_tables(sched.alphas_cumprod, None)
@@ -103,44 +106,91 @@ def test_sigma_table_is_increasing_and_exact_without_scale():
     sigmas_s, scales_s = vs.sigma_tables(scaled.alphas_cumprod, scaled.scale_arr)  # 1400-long scale_arr
     assert sigmas_s.shape == (1000,) and torch.all(sigmas_s[1:] > sigmas_s[:-1])
     assert scales_s[0] == 1 and abs(float(scales_s[999]) - 0.3) < 1e-6
+    with pytest.raises(ValueError, match="scale_arr has 10 entries"):
+        vs.sigma_tables(sched.alphas_cumprod, torch.ones(10))
 
 
 def test_signal_scale_exact_on_the_table_and_clamped_outside():
-    sched = vcm.Schedule.from_config(config_mod.ScheduleConfig(use_scale=True, scale_b=0.7))
-    sampling = ScaledSampling(sched)
-    assert torch.equal(sampling.signal_scale(sampling.sigmas), sampling.signal_scales)
-    mid = (sampling.sigmas[100] * sampling.sigmas[101]).sqrt()
-    s = float(sampling.signal_scale(mid.view(1)))
-    assert float(sampling.signal_scales[101]) < s < float(sampling.signal_scales[100])
-    ends = sampling.signal_scale(torch.tensor([0.0, 1e-6, 1e6]))
+    sigmas, log_sigmas, scales = tables(vcm.Schedule.from_config(config_mod.ScheduleConfig(use_scale=True, scale_b=0.7)))
+    assert torch.equal(vs.interpolate_scale(sigmas, log_sigmas, scales), scales)
+    mid = (sigmas[100] * sigmas[101]).sqrt()
+    s = float(vs.interpolate_scale(mid.view(1), log_sigmas, scales))
+    assert float(scales[101]) < s < float(scales[100])
+    ends = vs.interpolate_scale(torch.tensor([0.0, 1e-6, 1e6]), log_sigmas, scales)
     assert ends.tolist() == pytest.approx([1.0, 1.0, 0.7], abs=1e-6)
 
 
-def test_ddim_sigmas_follow_the_official_timesteps():
+@pytest.mark.parametrize("scale_b", [None, 0.7, 0.3])
+def test_model_input_is_the_official_noised_latent(scale_b):
+    """calculate_input: y = x0 + sigma'_t eps -> sqrt(a_t) s_t x0 + sqrt(1 - a_t) eps, per sample."""
+    cfg = config_mod.ScheduleConfig(use_scale=scale_b is not None, scale_b=scale_b or 0.3)
+    sched = vcm.Schedule.from_config(cfg)
+    sigmas, log_sigmas, scales = tables(sched)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 3, 5, generator=g), torch.randn(3, 4, 2, 3, 5, generator=g)
+    t = torch.tensor([999, 401, 7])
+    y = x0 + sigmas[t].view(-1, 1, 1, 1, 1) * eps
+    a = sched.alphas_cumprod[t].double().view(-1, 1, 1, 1, 1)
+    s = (sched.scale_arr[t].double() if sched.scale_arr is not None else torch.ones(3, dtype=torch.float64))
+    official = a.sqrt() * s.view(-1, 1, 1, 1, 1) * x0.double() + (1 - a).sqrt() * eps.double()
+    torch.testing.assert_close(vs.model_input(sigmas[t], y, log_sigmas, scales).double(), official,
+                               rtol=1e-5, atol=1e-5)
+    one = vs.model_input(sigmas[t[:1]], y[:1], log_sigmas, scales)  # a single sigma broadcasts too
+    torch.testing.assert_close(one.double(), official[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_noised_latent_starts_from_official_pure_noise():
+    sigmas, log_sigmas, scales = tables(vcm.Schedule.from_config(config_mod.ScheduleConfig(use_scale=True, scale_b=0.7)))
+    g = torch.Generator().manual_seed(1)
+    noise, latent = torch.randn(2, 4, 2, 3, 5, generator=g), torch.randn(2, 4, 2, 3, 5, generator=g)
+    top = sigmas[-1:].expand(2)
+    for empty in (None, torch.zeros_like(noise)):  # from an empty latent: the official x_T = noise
+        y = vs.noised_latent(top, noise.clone(), empty, log_sigmas, scales)
+        torch.testing.assert_close(vs.model_input(top, y, log_sigmas, scales), noise, rtol=1e-5, atol=1e-5)
+    # from an encoded video: ComfyUI's EPS start y = latent + sigma' noise (img2img), unless max_denoise
+    sigma = sigmas[500:501].expand(2)
+    torch.testing.assert_close(vs.noised_latent(sigma, noise.clone(), latent, log_sigmas, scales),
+                               latent + sigmas[500] * noise)
+    pure = vs.noised_latent(sigma, noise.clone(), latent, log_sigmas, scales, max_denoise=True) - latent
+    torch.testing.assert_close(vs.model_input(sigma, pure, log_sigmas, scales), noise, rtol=1e-5, atol=1e-5)
+
+
+def test_official_latent_is_the_t0_level():
     sched = vcm.Schedule.from_config(config_mod.ScheduleConfig(use_scale=True, scale_b=0.7))
-    sampling = ScaledSampling(sched)
+    sigmas, log_sigmas, scales = tables(sched)
+    y = torch.randn(1, 4, 2, 3, 5)
+    want = y * float(sched.alphas_cumprod[0].double().sqrt() * sched.scale_arr[0].double())
+    torch.testing.assert_close(vs.official_latent(y, sigmas[:1], log_sigmas, scales), want)
+
+
+def test_ddim_sigmas_follow_the_official_timesteps():
+    sigmas, log_sigmas, _ = tables(vcm.Schedule.from_config(config_mod.ScheduleConfig(use_scale=True, scale_b=0.7)))
     timesteps = vcm.ddim_timesteps(50)
-    sig = vs.ddim_sigmas(sampling.log_sigmas, timesteps, final_level=True)
-    assert sig.shape == (51,)
-    assert torch.equal(sampling.timestep(sig[:-1]), torch.tensor(timesteps[::-1]))
-    assert sampling.timestep(sig[-1:]).item() == 0
-    assert vs.ddim_sigmas(sampling.log_sigmas, timesteps, final_level=False)[-1] == 0
+    sig = vs.official_ddim_sigmas(log_sigmas, 50)
+    assert sig.shape == (51,) and timesteps[-1] == 981
+    assert torch.equal(comfy_timestep(sig[:-1], log_sigmas), torch.tensor(timesteps[::-1]))
+    assert comfy_timestep(sig[-1:], log_sigmas).item() == 0
+    assert vs.official_ddim_sigmas(log_sigmas, 30).shape == (32,)  # 31 official steps for 30
+    assert vs.ddim_sigmas(log_sigmas, timesteps, final_level=False)[-1] == 0
+
+
+# ---- whole samplers against the official DDIM ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_sampler_matches_official_ddim(tiny, eta):
+def test_videocrafter_sampler_chain_matches_official_ddim(tiny, eta):
+    """What VideoCrafter Sampler runs: official sigmas, pure-noise start, our DDIM, the t=0 latent."""
     cfg, bundle, unet = tiny
     noise, text, uncond, tokens, uncond_tokens = _inputs(cfg, bundle)
-    sampling = ScaledSampling(bundle.schedule)
-    denoiser = Denoiser(unet, sampling, text, uncond, 7.5, 28, tokens, uncond_tokens)
+    _, log_sigmas, scales = tables(bundle.schedule)
+    denoiser = comfy_denoiser(unet, log_sigmas, scales, text, uncond, 7.5, 28, tokens, uncond_tokens)
     steps, seed = 5, 11
-    sig = vs.ddim_sigmas(sampling.log_sigmas, vcm.ddim_timesteps(steps), final_level=True)
-    s0 = sampling.signal_scale(sig[:1])
-    y = noise * vs.pure_noise_scale(sig[0], s0)  # what the ModelSampling does from an empty latent
+    sig = vs.official_ddim_sigmas(log_sigmas, steps)
+    y = vs.noised_latent(sig[:1], noise.clone(), torch.zeros_like(noise), log_sigmas, scales)
     gen = torch.Generator().manual_seed(seed)
     out = vs.sample_videocrafter_ddim(denoiser, y, sig, eta=eta,
                                       noise_sampler=lambda a, b: torch.randn(y.shape, generator=gen))
-    ours = out * vs.input_scale(sig[-1], sampling.signal_scale(sig[-1:]))
+    ours = vs.official_latent(out, sig[-1:], log_sigmas, scales)
     final, _ = _reference(cfg, bundle, noise, text, uncond, tokens, uncond_tokens, steps, eta, seed)
     torch.testing.assert_close(ours, final, rtol=1e-4, atol=1e-4 * float(final.abs().max()))
 
@@ -149,11 +199,11 @@ def test_euler_on_ddim_uniform_sigmas_is_official_eta0_x0(tiny):
     """Core KSampler `ddim`/`euler` + `ddim_uniform` = official DDIM at eta 0 (its last pred_x0)."""
     cfg, bundle, unet = tiny
     noise, text, uncond, tokens, uncond_tokens = _inputs(cfg, bundle, seed=1)
-    sampling = ScaledSampling(bundle.schedule)
-    denoiser = Denoiser(unet, sampling, text, uncond, 7.5, 28, tokens, uncond_tokens)
+    _, log_sigmas, scales = tables(bundle.schedule)
+    denoiser = comfy_denoiser(unet, log_sigmas, scales, text, uncond, 7.5, 28, tokens, uncond_tokens)
     steps = 4
-    sig = vs.ddim_sigmas(sampling.log_sigmas, vcm.ddim_timesteps(steps), final_level=False)
-    y = noise * vs.pure_noise_scale(sig[0], sampling.signal_scale(sig[:1]))
+    sig = vs.ddim_sigmas(log_sigmas, vcm.ddim_timesteps(steps), final_level=False)
+    y = vs.noised_latent(sig[:1], noise.clone(), None, log_sigmas, scales)
     for i in range(steps):  # k-diffusion's sample_euler
         denoised = denoiser(y, sig[i].view(1))
         y = y + (y - denoised) / sig[i] * (sig[i + 1] - sig[i])
