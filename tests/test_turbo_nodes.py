@@ -13,6 +13,7 @@ import torch
 from pack_import import pack_module
 
 ts = pack_module("nodes.turbo_sampling")
+vs = pack_module("nodes.sigmas")
 diffusion = pack_module("nodes.diffusion")
 vcm = pack_module("vc_model")
 config_mod = pack_module("vc_model.config")
@@ -20,18 +21,21 @@ turbo_mod = pack_module("vc_model.turbo")
 
 
 class PlainSampling:
-    """What the Turbo MODEL's ModelSamplingVideoCrafter computes without use_scale."""
+    """The Turbo MODEL's ModelSamplingVideoCrafter (the plain schedule: no use_scale), through the same
+    nodes/sigmas.py functions the shipped class calls."""
 
     def __init__(self, schedule):
-        ac = schedule.alphas_cumprod.double()
-        self.sigmas = ((1 - ac) / ac).sqrt().float()
+        self.sigmas, self.scales = vs.sigma_tables(schedule.alphas_cumprod, None)
         self.log_sigmas = self.sigmas.log()
 
     def timestep(self, sigma):
         return (sigma.log()[:, None] - self.log_sigmas[None]).abs().argmin(dim=1).float()
 
+    def calculate_input(self, sigma, y):
+        return vs.model_input(sigma, y, self.log_sigmas, self.scales)
+
     def noise_scaling(self, sigma, noise, latent):
-        return latent + sigma * noise
+        return vs.noised_latent(sigma, noise, latent, self.log_sigmas, self.scales)
 
 
 class Denoiser:
@@ -41,11 +45,10 @@ class Denoiser:
         self.model_sampling, self.unet, self.context, self.fps, self.options = sampling, unet, context, fps, options
 
     def __call__(self, y, sigma):
-        sig = sigma.view(-1, 1, 1, 1, 1)
         t = self.model_sampling.timestep(sigma)
-        eps = self.unet(y / (1 + sig**2).sqrt(), t, self.context, fps=torch.full((y.shape[0],), self.fps),
-                        transformer_options=self.options)
-        return y - sig * eps
+        eps = self.unet(self.model_sampling.calculate_input(sigma, y), t, self.context,
+                        fps=torch.full((y.shape[0],), self.fps), transformer_options=self.options)
+        return y - sigma.view(-1, 1, 1, 1, 1) * eps
 
 
 @pytest.fixture(scope="module", params=["v1", "v2"])
@@ -121,8 +124,7 @@ def test_node_sampler_matches_vc_model_sample_turbo(turbo, steps):
     model = Denoiser(unet, sampling, context, 16, _options(version))
     sigmas = ts.turbo_sigmas(sampling.sigmas, steps)
     queue = iter(noises)
-    # ComfyUI's y at the first sigma: pure noise x_T / sqrt(a_999) (noise_scaling of an empty latent)
-    y = x_T * (1 + sigmas[0] ** 2).sqrt()
+    y = sampling.noise_scaling(sigmas[:1], x_T, torch.zeros_like(x_T))  # from an empty latent: x_T = pure noise
     got = ts.sample_turbo_consistency(model, y, sigmas, noise_sampler=lambda s, sn: next(queue))
     motion = 0.05 if version == "v2" else None
     want = vcm.sample_turbo(bundle.unet, bundle.schedule, x_T, context, fps=16, steps=steps, guidance=7.5,
@@ -137,12 +139,12 @@ def test_core_lcm_update_is_the_turbo_sampler_to_rounding(turbo):
     sampling = PlainSampling(bundle.schedule)
     model = Denoiser(unet, sampling, context, 16, _options(version))
     sigmas = ts.turbo_sigmas(sampling.sigmas, 4)
-    y = x_T * (1 + sigmas[0] ** 2).sqrt()
+    y = sampling.noise_scaling(sigmas[:1], x_T, torch.zeros_like(x_T))
     x = y
     for i in range(4):
         x = model(x, sigmas[i:i + 1])
         if sigmas[i + 1] > 0:
-            x = sampling.noise_scaling(sigmas[i + 1], noises[i], x)
+            x = sampling.noise_scaling(sigmas[i + 1:i + 2], noises[i], x)
     queue = iter(noises)
     turbo_out = ts.sample_turbo_consistency(model, y, sigmas, noise_sampler=lambda s, sn: next(queue))
     assert torch.allclose(x, turbo_out, atol=1e-5, rtol=1e-5)
