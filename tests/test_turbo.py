@@ -450,6 +450,19 @@ def test_cli_generate_with_turbo_writes_the_video(tmp_path, capsys, tiny_ckpt, t
     assert out.is_file() and "2 frames, 128x64" in stdout
 
 
+def test_cli_generate_with_a_v2_file_uses_the_predictor_defaults(tmp_path, capsys, tiny_ckpt, tiny):
+    weights = dict(tiny.unet.state_dict())
+    g, mc = torch.Generator().manual_seed(6), tiny.config.unet.model_channels
+    weights.update({"time_cond_proj.weight": torch.randn(mc, 256, generator=g) / 16,
+                    "motion_cond_proj.weight": torch.randn(mc, 256, generator=g) / 16,
+                    "combine_proj.weight": torch.randn(mc, 2 * mc, generator=g) / 8})
+    torch.save(weights, tmp_path / "unet_mg.pt")
+    rc, stdout, stderr = _cli(capsys, "generate", "a corgi", "--ckpt", tiny_ckpt, "--turbo", tmp_path / "unet_mg.pt",
+                              "--steps", 2, "--frames", 2, "--height", 64, "--width", 128, "--out", tmp_path / "v2.mp4")
+    assert rc == 0, stderr
+    assert "T2V-Turbo v2: 2 steps, guidance 7.5, motion guidance 0.05, fps 8" in stderr and "2 frames" in stdout
+
+
 @pytest.mark.parametrize("extra,words", [
     (["--guidance", "5"], "--guidance is a T2V-Turbo option: add --turbo"),
     (["--turbo", "missing.pt"], "No T2V-Turbo file at 'missing.pt'"),
