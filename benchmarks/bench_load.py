@@ -1,16 +1,29 @@
-"""Checkpoint load + build time and peak RSS through `vc_model.load`, full-size VideoCrafter2.
+"""Checkpoint load + build, and memory held through one U-Net forward, full-size VideoCrafter2.
 
-    python -m benchmarks.bench_load [--formats safetensors,ckpt] [--dtypes fp32,bf16] [--cache DIR]
+    python -m benchmarks.bench_load [--formats safetensors,ckpt] [--dtypes fp32,bf16]
+                                    [--readers load,load_state_dict] [--cache DIR] [--threads N]
+                                    [--checkpoint FILE ...]
 
 A random full-size VC2 checkpoint (U-Net, VAE, text encoder; about 7 GB in fp32) is written once
-into the cache folder (outside the repository) as `.ckpt` and as `.safetensors`. Each load runs in
-a fresh process; the peak is RSS above the process's RSS before loading, compared with the bytes
-of the built weights in the target dtype. Files are read warm from the page cache (the page cache
-is not dropped: other work shares this machine), so times are CPU-bound, not disk-bound.
+into the cache folder (outside the repository) as `.ckpt` and as `.safetensors` (`--checkpoint`
+measures given files instead, e.g. an official `model.ckpt`, which needs a U-Net). Each run is a fresh
+process that reads one file into one dtype through one reader: `vc_model.load(path)` (lazy), or
+`vc_model.load_state_dict(path)` + `vc_model.build(sd)` + `del sd`. RSS, RssAnon and RssFile
+(/proc/self/status) are taken at three moments: libraries imported (after the imports and one run of
+the tiny model, so thread pools and library state exist: the baseline), after the build, and after one
+U-Net forward of x[2,4,8,16,16] (batch 2 = cond + uncond) preceded by one read of every weight (as a
+generation reads the text encoder and the VAE too; weights left as views of the file are resident from
+then on). Peaks are VmHWM above the baseline, over the load and over the read + forward, divided by the
+bytes of the built weights in the target dtype. Last, glibc's malloc_trim(0) shows how much of RssAnon
+after the forward is free blocks the allocator keeps rather than data still held. Files are read warm
+from the page cache (it is not dropped: other work shares this machine), so times are CPU-bound, not
+disk-bound; under memory pressure the kernel may reclaim clean file pages (fp32 RssFile then drops).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import sys
 import time
 from pathlib import Path
@@ -23,35 +36,69 @@ import torch
 from benchmarks import common
 from benchmarks.common import DTYPES, GiB
 
+MOMENTS = ("libraries", "built", "forward")
 
-def _status(field: str) -> int:
-    return common._status_kb(field) * 1024
+
+def _memory() -> dict[str, int]:
+    return {"rss": common.rss_bytes(), "anon": common._status_kb("RssAnon") * 1024,
+            "file": common._status_kb("RssFile") * 1024}
+
+
+def _trimmed() -> dict[str, int] | None:
+    """Memory after glibc's malloc_trim(0), which returns the free blocks it keeps in its heaps: what
+    of RssAnon is the allocator's cache rather than data still held (None without glibc)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return _memory()
+
+
+def _read(spec: dict, dtype: torch.dtype):
+    import vc_model
+
+    if spec["reader"] == "load":
+        return vc_model.load(spec["path"], dtype=dtype, device=spec["device"])
+    state_dict = vc_model.load_state_dict(spec["path"])
+    bundle = vc_model.build(state_dict, dtype=dtype, device=spec["device"])
+    del state_dict
+    return bundle
 
 
 def worker(spec: dict) -> dict:
-    import vc_model
-
-    dtype = DTYPES[spec["dtype"]]
-    base = common.rss_bytes()
-    with common.PeakRSS() as meter:
+    device, dtype = spec["device"], DTYPES[spec["dtype"]]
+    common.warm_libraries(device, dtype)
+    memory = {"libraries": _memory()}
+    base = memory["libraries"]["rss"]
+    with common.PeakRSS() as loading:
         start = time.perf_counter()
-        bundle = vc_model.load(spec["path"], dtype=dtype, device=spec["device"])
+        bundle = _read(spec, dtype)
+        common.sync(device)
         load_s = time.perf_counter() - start
-        if spec["device"].startswith("cuda"):
-            torch.cuda.synchronize()
+    gc.collect()
+    memory["built"] = _memory()
     weights = sum(common.tensor_bytes(m) for m in bundle.modules().values())
-    after = common.rss_bytes()
-    # Touch every weight once, so weights left memory-mapped (not yet read) show up as resident.
-    with common.PeakRSS() as touched:
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 16, 16, generator=generator).to(device)
+    context = torch.randn(2, 77, bundle.config.unet.context_dim, generator=generator).to(device)
+    with common.PeakRSS() as inference, torch.inference_mode():
         for module in bundle.modules().values():
-            for p in module.parameters():
-                p.float().sum() if p.dtype != torch.float32 else p.sum()
-    peak = meter.peak - base
-    return {"load_s": load_s, "weights_bytes": weights, "peak_bytes": peak, "peak_over_weights": peak / weights,
-            "resident_after_bytes": after - base, "resident_after_touch_bytes": max(touched.peak, after) - base,
-            "rss_anon_after_bytes": _status("RssAnon"), "rss_file_after_bytes": _status("RssFile"),
-            "memory_method": meter.method, "file_bytes": Path(spec["path"]).stat().st_size,
-            "components": sorted(bundle.modules())}
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                tensor.sum()
+        start = time.perf_counter()
+        bundle.unet(x, torch.tensor([500, 500], device=device), context, fps=torch.tensor([28, 28], device=device))
+        common.sync(device)
+        forward_s = time.perf_counter() - start
+    memory["forward"] = _memory()
+    del x, context
+    memory["trimmed"] = _trimmed()
+    return {"load_s": load_s, "forward_s": forward_s, "weights_bytes": weights, "memory": memory,
+            "load_peak_over_weights": (loading.peak - base) / weights,
+            "inference_peak_over_weights": (max(inference.peak, loading.peak) - base) / weights,
+            "held_over_weights": (memory["forward"]["rss"] - base) / weights,
+            "memory_method": inference.method, "baseline_method": common.BASELINE_METHOD,
+            "file_bytes": Path(spec["path"]).stat().st_size, "components": sorted(bundle.modules())}
 
 
 def main() -> None:
@@ -59,22 +106,40 @@ def main() -> None:
     common.add_common_args(parser)
     parser.add_argument("--formats", default="safetensors,ckpt")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--readers", default="load,load_state_dict",
+                        help="vc_model.load (lazy) and/or vc_model.load_state_dict + build")
+    parser.add_argument("--checkpoint", action="append", default=None,
+                        help="measure this file instead of the random VC2 checkpoints (repeatable)")
     args = parser.parse_args()
     device = args.device if args.device.startswith("cuda") else "cpu"
 
-    files = common.random_checkpoint(args.cache)
-    specs = [{"path": str(files[fmt]), "format": fmt, "dtype": dtype, "device": device, "threads": args.threads}
-             for fmt in args.formats.split(",") for dtype in args.dtypes.split(",")]
-    results = [common.run_worker(__file__, spec) for spec in specs]
-    result = {"benchmark": "load", "model": "VideoCrafter2 full checkpoint (random weights)",
+    if args.checkpoint:
+        files = {Path(path).suffix.lstrip("."): Path(path) for path in args.checkpoint}
+    else:
+        cached = common.random_checkpoint(args.cache)
+        files = {fmt: cached[fmt] for fmt in args.formats.split(",")}
+    specs = [{"path": str(path), "format": fmt, "dtype": dtype, "reader": reader, "device": device,
+              "threads": args.threads}
+             for fmt, path in files.items() for dtype in args.dtypes.split(",")
+             for reader in args.readers.split(",")]
+    results = [common.run_worker(__file__, spec) for spec in specs]  # one at a time: each holds ~7 GB
+    result = {"benchmark": "load", "model": "VideoCrafter2 full checkpoint (random weights)" if not args.checkpoint
+              else ", ".join(args.checkpoint),
               "command": " ".join(sys.argv), "machine": common.machine_info(device), "results": results}
-    rows = [{**r, "run": f"{r['format']} -> {r['dtype']}", "file_gib": r.get("file_bytes", 0) / GiB,
-             "weights_gib": r.get("weights_bytes", 0) / GiB, "peak_gib": r.get("peak_bytes", 0) / GiB,
-             "after_gib": r.get("resident_after_touch_bytes", 0) / GiB} for r in results]
-    text = common.table(rows, [("run", "file -> dtype"), ("file_gib", "file GiB"), ("load_s", "load+build s"),
-                               ("weights_gib", "weights GiB"), ("peak_gib", "peak RSS GiB"),
-                               ("peak_over_weights", "peak/weights"), ("after_gib", "resident after GiB")])
-    text += common.error_lines(results, lambda r: f"{r['format']} {r['dtype']}")
+    label = lambda r: f".{r['format']} -> {r['dtype']}, {r['reader']}"  # noqa: E731
+    rows = [{**r, "run": label(r), "weights_gib": r["weights_bytes"] / GiB,
+             **{f"{m}_{k}": r["memory"][m][k] / GiB for m in MOMENTS for k in ("rss", "anon", "file")},
+             "trimmed_anon": r["memory"]["trimmed"]["anon"] / GiB if r["memory"].get("trimmed") else None}
+            for r in results if "error" not in r]
+    text = common.table(rows, [("run", "file -> dtype, reader"), ("load_s", "load+build s"),
+                               ("weights_gib", "weights GiB"), ("load_peak_over_weights", "load peak/weights"),
+                               ("inference_peak_over_weights", "inference peak/weights"),
+                               ("held_over_weights", "held after/weights")])
+    text += "\n\nRSS / RssAnon / RssFile GiB at each moment, and RssAnon after malloc_trim:\n"
+    text += common.table(rows, [("run", "file -> dtype, reader")] + [
+        (f"{m}_{k}", f"{m} {k}") for m in MOMENTS for k in ("rss", "anon", "file")]
+        + [("trimmed_anon", "trimmed anon")])
+    text += common.error_lines(results, label)
     common.emit(result, text, args.json_out)
 
 

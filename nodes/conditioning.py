@@ -8,6 +8,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 import node_helpers
 
+from .clip_vision import grey_tokens, image_tokens
 from .logic import conditioning_problem, empty_latent, image_batch_problem
 from .model import FPS_KEY, IMAGE_KEY, VideoCrafterModel
 
@@ -32,12 +33,13 @@ def image_count(conditioning) -> int:
     return max((entry[1][IMAGE_KEY].shape[0] for entry in conditioning if IMAGE_KEY in entry[1]), default=0)
 
 
-def attach_image(positive, negative, image_encoder, image):
-    """positive gets the image's CLIP tokens, negative the official mid-grey image's tokens."""
-    if image_encoder is None:
+def attach_image(positive, negative, clip_vision, image):
+    """positive gets the image's CLIP tokens, negative the official mid-grey image's tokens
+    (official preprocessing, through the CLIP_VISION model)."""
+    if clip_vision is None:
         raise ValueError("No image encoder: the checkpoint is text-to-video (only the I2V checkpoint has one).")
-    tokens = image_encoder.encode(image)
-    grey = image_encoder.encode_grey(1)
+    tokens = image_tokens(clip_vision, image)
+    grey = grey_tokens(clip_vision, 1)
     return (node_helpers.conditioning_set_values(positive, {IMAGE_KEY: tokens}),
             node_helpers.conditioning_set_values(negative, {IMAGE_KEY: grey}))
 

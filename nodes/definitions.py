@@ -1,16 +1,20 @@
-"""The pack's ComfyUI nodes (V3 API). Each class only declares its inputs and calls a helper module."""
+"""The pack's ComfyUI nodes (V3 API). Each class only declares its inputs and calls a helper module.
+
+Validation attaches each message to the input it is about: ComfyUI files a `validate_inputs` result
+under every input that function takes, and checks the min/max/options of every input it does not take
+itself. So plain ranges are declared on the inputs, and `validate_inputs` takes only the inputs whose
+check a range cannot express (a checkpoint file, sizes that must be multiples of 64, eta's meaning).
+"""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from ..vc_model.checkpoint import CheckpointError
-from . import conditioning, loader, sampler, turbo_nodes, vae_io
-from .ckpt_check import inspect_checkpoint
+from . import conditioning, loader, lora, sampler, turbo_nodes, vae_io
+from .ckpt_check import inspect_checkpoint, inspect_unet
 from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
-                    eta_problem, sampler_problem)
+                    eta_problem, file_problem)
 
 CATEGORY = "VideoCrafter"
-ImageEncoder = io.Custom("VIDEOCRAFTER_IMAGE_ENCODER")
 
 
 class VideoCrafterCheckpointLoader(io.ComfyNode):
@@ -26,29 +30,23 @@ class VideoCrafterCheckpointLoader(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=loader.checkpoint_names(),
                                tooltip="Checkpoint from models/videocrafter/ (or models/checkpoints/)."),
                 io.Combo.Input("weight_dtype", options=list(loader.WEIGHT_DTYPES), default="auto",
-                               tooltip="Precision of the U-Net weights. auto: ComfyUI's choice for the device "
-                                       "(fp16/bf16 on GPUs, fp32 on CPUs)."),
+                               tooltip="Storage precision of the U-Net weights. auto: ComfyUI's choice for the device "
+                                       "(bf16 where supported, else fp16 on GPUs; fp32 on CPUs). fp8 formats halve "
+                                       "fp16's memory and compute in bf16/fp16 by casting (_fast: fp8 matrix "
+                                       "multiplication on GPUs that have it)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The video U-Net (with the image resampler for I2V)."),
                 io.Clip.Output(tooltip="The OpenCLIP-H text encoder (penultimate layer); use CLIP Text Encode."),
                 io.Vae.Output(tooltip="The per-frame KL VAE; use VideoCrafter Decode/Encode."),
-                ImageEncoder.Output(display_name="IMAGE_ENCODER",
-                                    tooltip="The CLIP image encoder of the I2V model (None for text-to-video)."),
+                io.ClipVision.Output(tooltip="The CLIP image encoder of the I2V model, a core CLIP_VISION (None for "
+                                             "text-to-video)."),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, ckpt_name, weight_dtype):
-        if weight_dtype is not None and weight_dtype not in loader.WEIGHT_DTYPES:
-            return f"weight_dtype must be one of {', '.join(loader.WEIGHT_DTYPES)}."
-        if ckpt_name is None:  # linked from another node: checked when loading
-            return True
-        try:
-            inspect_checkpoint(loader.checkpoint_path(ckpt_name))
-        except (CheckpointError, FileNotFoundError) as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, ckpt_name):
+        return file_problem(ckpt_name, loader.checkpoint_path, inspect_checkpoint) or True
 
     @classmethod
     def execute(cls, ckpt_name, weight_dtype) -> io.NodeOutput:
@@ -69,7 +67,8 @@ class VideoCrafterImageEncode(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Text conditioning of the prompt (CLIP Text Encode; long prompts "
                                                          "and the empty prompt work, image tokens are kept apart)."),
                 io.Conditioning.Input("negative", tooltip="Text conditioning of the negative (officially the empty prompt)."),
-                ImageEncoder.Input("image_encoder", tooltip="IMAGE_ENCODER output of Load VideoCrafter Checkpoint (I2V model)."),
+                io.ClipVision.Input("image_encoder", tooltip="CLIP_VISION output of Load VideoCrafter Checkpoint (I2V "
+                                                             "model), or ComfyUI's clip_vision_h (the same network)."),
                 io.Image.Input("image", tooltip="The image to animate, any size (squashed to 224x224); alpha is ignored, "
                                              "greyscale is used as grey RGB. One image for every video, or a batch "
                                              "with one image per video (as many as batch_size)."),
@@ -118,8 +117,8 @@ class VideoCrafterConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height, frames, fps, batch_size):
-        return conditioning_problem(width, height, frames, fps, batch_size) or True
+    def validate_inputs(cls, width, height):  # frames, fps, batch_size: ComfyUI checks their min/max
+        return conditioning_problem(width, height, None, None, None) or True
 
     @classmethod
     def execute(cls, positive, negative, width, height, frames, fps, batch_size, model=None) -> io.NodeOutput:
@@ -155,8 +154,8 @@ class VideoCrafterSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, cfg, eta):
-        return sampler_problem(steps, cfg, eta) or True
+    def validate_inputs(cls, eta):  # steps, cfg: ComfyUI checks their min/max
+        return eta_problem(eta) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, eta) -> io.NodeOutput:
@@ -237,8 +236,62 @@ class VideoCrafterEncode(io.ComfyNode):
         return io.NodeOutput({"samples": vae_io.encode(vae, pixels, frames, frames_per_chunk)})
 
 
-NODES = [VideoCrafterCheckpointLoader, VideoCrafterImageEncode, VideoCrafterConditioning, VideoCrafterSampler,
-         VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode]
+class VideoCrafterUNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterUNetLoader",
+            display_name="Load VideoCrafter U-Net",
+            category=CATEGORY,
+            description="Loads a VideoCrafter text-to-video U-Net saved on its own (keys with or without "
+                        "model.diffusion_model., fp32/fp16/bf16), or the U-Net of a full checkpoint. CLIP and VAE "
+                        "come from another loader (see the README).",
+            inputs=[
+                io.Combo.Input("unet_name", options=loader.unet_names(),
+                               tooltip="U-Net file from models/diffusion_models/ (or models/videocrafter/)."),
+                io.Combo.Input("weight_dtype", options=list(loader.WEIGHT_DTYPES), default="auto",
+                               tooltip="Precision of the U-Net weights. auto: ComfyUI's choice for the device "
+                                       "(fp16/bf16 on GPUs, fp32 on CPUs)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The video U-Net, with the schedule of the release it is.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, unet_name):
+        return file_problem(unet_name, loader.unet_path, inspect_unet) or True
+
+    @classmethod
+    def execute(cls, unet_name, weight_dtype) -> io.NodeOutput:
+        model, _ = loader.load_unet(loader.unet_path(unet_name), weight_dtype)
+        return io.NodeOutput(model)
+
+
+class VideoCrafterLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoCrafterLoraLoader",
+            display_name="Load VideoCrafter LoRA",
+            category=CATEGORY,
+            description="Applies a U-Net LoRA: ComfyUI/kohya keys (as the core LoraLoader) and PEFT keys "
+                        "(base_model.model.*, e.g. the VADER VideoCrafter2 LoRAs).",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL from Load VideoCrafter Checkpoint."),
+                io.Combo.Input("lora_name", options=loader.lora_names(), tooltip="LoRA file from models/loras/."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="LoRA strength; for a PEFT file whose lora_alpha differs from its rank, "
+                                       "multiply by lora_alpha / r (the file does not hold it)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
+        return io.NodeOutput(lora.apply_lora(model, loader.load_lora_file(lora_name), strength_model))
+
+
+NODES = [VideoCrafterCheckpointLoader, VideoCrafterUNetLoader, VideoCrafterImageEncode, VideoCrafterConditioning,
+         VideoCrafterSampler, VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode, VideoCrafterLoraLoader]
 
 # T2V-Turbo (nodes/turbo_nodes.py)
 NODES += turbo_nodes.NODES

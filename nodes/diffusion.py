@@ -3,6 +3,8 @@
 No ComfyUI import. The resampler lives inside the diffusion model so ComfyUI's model management
 loads, offloads and casts it with the U-Net, and the conditioning only carries the CLIP patch tokens.
 State-dict keys are the official ones without `model.diffusion_model.`, plus `image_proj_model.*`.
+`ops` and `attention` are ComfyUI's (`comfy.ops.pick_operations(...)`, `optimized_attention`),
+passed in by the loader.
 """
 from __future__ import annotations
 
@@ -18,24 +20,29 @@ from .turbo_sampling import turbo_unet_kwargs
 class VideoCrafterUNet(UNet3D):
     """UNet3D whose forward takes ComfyUI's keyword arguments; `image_proj_model` for I2V."""
 
-    def __init__(self, cfg: UNetConfig, resampler: ResamplerConfig | None = None):
-        super().__init__(cfg)
-        self.image_proj_model = Resampler(resampler) if resampler is not None else None
+    def __init__(self, cfg: UNetConfig, resampler: ResamplerConfig | None = None, ops=None, attention=None):
+        super().__init__(cfg, ops, attention)
+        self.image_proj_model = Resampler(resampler, ops, attention) if resampler is not None else None
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor = None, fps=None,
                 clip_tokens: torch.Tensor | None = None, control=None, transformer_options=None, **kwargs):
-        """x [B,4,T,h,w]; timesteps [B]; context [B,L,D] text tokens; fps [B] or None; clip_tokens
-        [B,N,width] CLIP patch tokens (I2V) -> eps [B,4,T,h,w]. ControlNet/patches are not supported.
-        T2V-Turbo's guidance comes from transformer_options (nodes/turbo_sampling.py).
+        """x [B,4,T,h,w] in the compute dtype; timesteps [B]; context [B,L,D] text tokens; fps [B] or None;
+        clip_tokens [B,N,width] CLIP patch tokens (I2V); transformer_options: ComfyUI's patches and
+        attention options (vc_model/patches.py), and T2V-Turbo's guidance (nodes/turbo_sampling.py)
+        -> eps [B,4,T,h,w]. ControlNet is refused.
 
         Out-of-memory errors (any sampler) come out as torch.OutOfMemoryError saying what to lower."""
+        if control is not None:
+            raise ValueError("ControlNet cannot be applied to the VideoCrafter U-Net; remove the Apply ControlNet node.")
         with explain_out_of_memory(lambda: sampling_oom(x.shape, self.dtype)):
-            return self._forward(x, timesteps, context, fps, clip_tokens, turbo_unet_kwargs(transformer_options, timesteps))
+            return self._forward(x, timesteps, context, fps, clip_tokens, transformer_options)
 
-    def _forward(self, x, timesteps, context, fps, clip_tokens, turbo):
+    def _forward(self, x, timesteps, context, fps, clip_tokens, transformer_options=None):
         image_context = None
         if clip_tokens is not None:
             if self.image_proj_model is None:
                 raise ValueError("This VideoCrafter model is text-to-video: it cannot use an image conditioning.")
             image_context = self.image_proj_model(clip_tokens.to(x.dtype))
-        return super().forward(x, timesteps, context, fps=fps, image_context=image_context, **turbo)
+        return super().forward(x, timesteps, context, fps=fps, image_context=image_context,
+                               transformer_options=transformer_options,
+                               **turbo_unet_kwargs(transformer_options, timesteps))

@@ -10,6 +10,8 @@ import math
 import torch
 from einops import rearrange
 
+from ..vc_model.checkpoint import CheckpointError
+
 SIZE_MULTIPLE = 64  # pixels: the released U-Nets downsample the 8x VAE latent three times
 MAX_SIZE = 4096
 MAX_FRAMES = 256
@@ -29,6 +31,18 @@ def size_problem(width: int, height: int) -> str | None:
             lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
             return (f"{name} {value} is not usable: VideoCrafter needs a multiple of {SIZE_MULTIPLE} between "
                     f"{SIZE_MULTIPLE} and {MAX_SIZE} (for example {min(lower, MAX_SIZE)}).")
+    return None
+
+
+def file_problem(name, path_of, inspect) -> str | None:
+    """None when the file `name` is usable (`inspect(path_of(name))` passes) or not yet known (None: the
+    input is linked from another node and checked when loading), else the sentence saying why not."""
+    if name is None:
+        return None
+    try:
+        inspect(path_of(name))
+    except (CheckpointError, FileNotFoundError) as error:
+        return str(error)
     return None
 
 

@@ -1,5 +1,8 @@
 """5D VideoCrafter latents <-> IMAGE frame batches through a core `comfy.sd.VAE`, in chunks.
 
+With the loader's `video_vae.VideoCrafterVAE` the chunks go through its per-image `decode_frames` /
+`encode_frames`; any other core SD VAE through `decode` / `encode`.
+
 Time is folded into the batch ([B,4,T,h,w] <-> [B*T,H,W,3], all frames of video 0 first). Before
 each chunk ComfyUI's interrupt flag is checked (an interrupted decode returns nothing, so no output
 node ever sees half a video), after each the progress bar moves; an out-of-memory error names the
@@ -37,7 +40,8 @@ def decode(vae, samples: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
         raise ValueError(problem)
     _check_vae(vae)
     h, w = samples.shape[-2:]
-    images = _chunked(lambda f: vae.decode(f).to(mm.intermediate_device()), latent_to_frames(samples),
+    decode_frames = getattr(vae, "decode_frames", vae.decode)
+    images = _chunked(lambda f: decode_frames(f).to(mm.intermediate_device()), latent_to_frames(samples),
                       frames_per_chunk, "decoding", "VideoCrafter Decode", f"{w * 8}x{h * 8}")
     return images.reshape(-1, *images.shape[-3:])
 
@@ -50,6 +54,7 @@ def encode(vae, images: torch.Tensor, frames: int, frames_per_chunk: int) -> tor
     _check_vae(vae)
     images = image_rgb(images)
     batch, _ = video_batch(images.shape[0], frames)
-    latents = _chunked(lambda f: vae.encode(f).to(mm.intermediate_device()), images, frames_per_chunk,
+    encode_frames = getattr(vae, "encode_frames", vae.encode)
+    latents = _chunked(lambda f: encode_frames(f).to(mm.intermediate_device()), images, frames_per_chunk,
                        "encoding", "VideoCrafter Encode", f"{images.shape[2]}x{images.shape[1]}")
     return frames_to_latent(latents, batch)

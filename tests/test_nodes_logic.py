@@ -145,7 +145,8 @@ def test_i2v_checkpoint_is_detected(files):
     ("vae_only.safetensors", "partial checkpoint (it holds VAE but no U-Net or text encoder)"),
     ("no_proj.safetensors", "incomplete image encoder"),
     ("sd15.safetensors", "Stable Diffusion 1.x image checkpoint"),
-    ("broken.safetensors", "wrong shape model.diffusion_model.out.2.weight"),
+    ("broken.safetensors", "tensor 'model.diffusion_model.out.2.weight' has shape [4, 32, 1, 1] where the model the "
+                           "rest of the file describes needs [4, 32, 3, 3]: the file is damaged or was modified"),
     ("garbage.safetensors", "not a readable safetensors file"),
 ])
 def test_unusable_checkpoints_fail_with_one_sentence(files, name, words):

@@ -26,7 +26,7 @@ KINDS = {
     "videocrafter1_t2v_1024": ("videocrafter1_t2v_1024.ckpt", 1024, 576, 28, False),
     "videocrafter1_i2v_512": ("videocrafter1_i2v_512.ckpt", 512, 320, 8, True),
 }
-I2V_IMAGE = "videocrafter_i2v_input.png"  # LoadImage's default; the user uploads their own
+I2V_IMAGE = "example.png"  # LoadImage's default: ComfyUI ships input/example.png, so a fresh install opens it
 
 # T2V-Turbo workflows: kind -> (checkpoint, T2V-Turbo file, steps, conditioning fps, mp4 fps)
 TURBO_KINDS = {

@@ -14,11 +14,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .checkpoint import COMPONENT_PREFIXES, CheckpointError, describe_state_dict, lazy_state_dict, split_components
+from .checkpoint import (COMPONENT_PREFIXES, CheckpointError, describe_state_dict, lazy_state_dict, split_components,
+                         with_unet_prefix)
 from .config import ModelConfig
 from .conv import channels_last_format
 from .detect import detect_config, detect_resampler
 from .image_encoder import ImageEncoder, image_encoder_unused_keys
+from .integrity import DAMAGED, FiniteScan, model_label, tensor_problem
 from .ops import Conv2d, Conv3d
 from .schedule import Schedule, schedule_buffer_shapes, schedule_buffers
 from .text_encoder import TextEncoder
@@ -45,7 +47,18 @@ class Bundle:
 
 
 def _shell(config: ModelConfig) -> dict[str, tuple[nn.Module, dict[str, str]]]:
-    """Meta-device modules for every configured component, with `{module key: checkpoint key}`."""
+    """Meta-device modules for every configured component, with `{module key: checkpoint key}`.
+
+    Sizes no module can have (read from an inconsistent file, or a hand-made config) are a
+    CheckpointError saying so, not an error from deep inside a layer."""
+    try:
+        return _meta_modules(config)
+    except (ValueError, RuntimeError, ZeroDivisionError, AssertionError) as error:
+        raise CheckpointError(f"The sizes of {config.name} do not make a working model ({error}); if they were "
+                              f"read from a file, {DAMAGED}") from None
+
+
+def _meta_modules(config: ModelConfig) -> dict[str, tuple[nn.Module, dict[str, str]]]:
     out: dict[str, tuple[nn.Module, dict[str, str]]] = {}
     with torch.device("meta"):
         if config.unet is not None:
@@ -67,10 +80,10 @@ def _shell(config: ModelConfig) -> dict[str, tuple[nn.Module, dict[str, str]]]:
     return out
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig, shells=None) -> dict[str, tuple[int, ...]]:
     """Every key and shape an official checkpoint of `config` holds (meta build; no memory)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for module, names in _shell(config).values():
+    for module, names in (shells or _shell(config)).values():
         state = module.state_dict()
         shapes.update({full: tuple(state[k].shape) for k, full in names.items()})
     if config.image_encoder is not None:
@@ -83,9 +96,14 @@ def build(state_dict: Mapping[str, torch.Tensor], config: ModelConfig | None = N
           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Bundle:
     """Build every component present in `state_dict`, strictly, in `dtype` on `device`.
 
-    `config` is detected from the weights when not given. `device="meta"` checks keys and shapes
+    `config` is detected from the weights when not given. A U-Net-only file may lack the
+    `model.diffusion_model.` prefix. `device="meta"` checks keys and shapes
     and builds without memory. Floating-point weights are cast to `dtype`; the schedule stays float32.
+    A tensor of the wrong shape or an integer dtype is a CheckpointError naming it; NaN or infinite
+    values are logged as a warning naming the tensors (found while the weights are copied).
     """
+    state_dict = with_unet_prefix(state_dict)
+    given = config
     config = config or detect_config(state_dict)
     groups = split_components(state_dict)
     present = {
@@ -121,6 +139,10 @@ def build(state_dict: Mapping[str, torch.Tensor], config: ModelConfig | None = N
     for name, (module, names) in shells.items():
         _validate(module, names, present_keys[name], state_dict, name)
     _check_extra_keys(state_dict, groups, config)
+    label = model_label(config, _detected(given, state_dict))
+    problem = tensor_problem(state_dict, expected_shapes(config, shells), label)
+    if problem:
+        raise CheckpointError(problem)
 
     bundle = Bundle(config=config)
     for name, (module, names) in shells.items():
@@ -136,6 +158,15 @@ def load(path, dtype: torch.dtype = torch.float32, device: str | torch.device = 
          config: ModelConfig | None = None) -> Bundle:
     """Read a checkpoint file and build it, keeping about one copy of the weights in memory."""
     return build(lazy_state_dict(path), config=config, dtype=dtype, device=device)
+
+
+def _detected(config: ModelConfig | None, state_dict) -> bool:
+    """Whether `config` (None: none was given) is what the file itself describes (a detection when
+    a config was given: milliseconds, beside the build)."""
+    try:
+        return config is None or config == detect_config(state_dict)
+    except CheckpointError:
+        return False
 
 
 def _check_extra_keys(state_dict, groups, config: ModelConfig) -> None:
@@ -161,7 +192,7 @@ def _first(keys, n: int = 4) -> str:
 
 
 def _validate(module: nn.Module, names: dict[str, str], present: list[str], state_dict, part: str) -> None:
-    """Strict key and shape check of one component before anything is copied."""
+    """Strict key check of one component before anything is copied (shapes and dtypes: `tensor_problem`)."""
     claimed = set(names.values())
     missing = [full for full in names.values() if full not in state_dict]
     stray = [k for k in present if k not in claimed]
@@ -173,13 +204,6 @@ def _validate(module: nn.Module, names: dict[str, str], present: list[str], stat
             f"{describe_state_dict(state_dict)}. Use a complete VideoCrafter checkpoint, or pass the matching "
             "official config."
         )
-    expected = module.state_dict()
-    for key, full in names.items():
-        have, want = tuple(state_dict[full].shape), tuple(expected[key].shape)
-        if have != want:
-            raise CheckpointError(
-                f"'{full}' has shape {list(have)} where the {label} needs {list(want)}: the file does not match its config."
-            )
 
 
 def assign_weights(module: nn.Module, names: dict[str, str], state_dict, dtype, device) -> None:
@@ -187,11 +211,17 @@ def assign_weights(module: nn.Module, names: dict[str, str], state_dict, dtype, 
 
     `names` maps the module's keys to checkpoint keys; the module was built on `meta`.
 
-    When the source is a memory-mapped file (`lazy_state_dict`), a tensor's file pages are given
-    back as soon as it has been copied, so peak memory is the built weights plus one tensor. A
-    tensor that needs no copy (same dtype, CPU) stays a view of the file and is paged in on use."""
+    When the source is a memory-mapped file (`lazy_state_dict`, or `load_state_dict` on the CPU), a
+    tensor's file pages are given back as soon as it has been copied (another dtype, channels-last,
+    another device), so each weight is held once and peak memory is the built weights plus one
+    tensor. A tensor that needs no copy (same dtype, CPU) stays a view of the file: its pages are the
+    weight, paged in on use.
+
+    Every tensor is summed on its way in (`FiniteScan`); NaN or infinite values are logged as one
+    warning naming the tensors. A view is read by that sum, so its pages are given back too."""
     on_meta = str(device) == "meta"
     release = getattr(state_dict, "release", None)
+    scan = FiniteScan()
     tensors = {}
     for key, full in names.items():
         tensor = state_dict[full]
@@ -201,10 +231,12 @@ def assign_weights(module: nn.Module, names: dict[str, str], state_dict, dtype, 
         else:
             layout = channels_last_format(tensor) if _wants_channels_last(module, key, tensor) else None
             tensors[key] = tensor.to(device=device, dtype=target, memory_format=layout or torch.preserve_format)
-            if release is not None and tensors[key].data_ptr() != tensor.data_ptr():
+            scan.add(full, tensors[key], tensor)
+            if release is not None:
                 del tensor
                 release(full)
     module.load_state_dict(tensors, strict=True, assign=True)
+    scan.warn(state_dict)
 
 
 def _wants_channels_last(module: nn.Module, key: str, tensor: torch.Tensor) -> bool:

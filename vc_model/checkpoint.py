@@ -28,6 +28,12 @@ COMPONENT_PREFIXES = {
 _ALL_PREFIXES = tuple(COMPONENT_PREFIXES.values()) + ("embedder.model.",)
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+# dtype names of a safetensors header (read without loading any tensor)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class CheckpointError(ValueError):
@@ -77,14 +83,22 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     Wrappers are removed: a Lightning `state_dict` entry, or a DeepSpeed `module` entry whose
     keys carry the 16-character `_forward_module.` prefix. Non-tensor entries are dropped.
+
+    On the CPU the tensors are views of the memory-mapped file (pages are read on first use), in a
+    dict with `release(key)` (see `lazy_state_dict`), so `build` keeps one copy of each weight. For
+    another device each tensor is copied there and its file pages are given back at once.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"No checkpoint file at '{path}': check the path and that the download finished.")
-    if path.lower().endswith(SAFETENSORS_EXTENSIONS):
-        lazy = LazySafetensors(path)
-        return {key: lazy[key].to(device) for key in lazy}
-    return _unwrap(_load_pickle(path, device), path)
+    mapped = lazy_state_dict(path)
+    if torch.device(device).type == "cpu":
+        return mapped if isinstance(mapped, MappedStateDict) else MappedStateDict(
+            {key: mapped[key] for key in mapped}, mapped.pages)
+    out = {}
+    for key in list(mapped):
+        out[key] = mapped[key].to(device)
+        mapped.release(key)
+        if isinstance(mapped, dict):  # a pickle read into memory (no mmap) is freed tensor by tensor
+            del mapped[key]
+    return out
 
 
 def lazy_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
@@ -93,7 +107,7 @@ def lazy_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     Pickled checkpoints are memory-mapped where their format allows, so their tensors are also
     paged in on access. Building from this mapping keeps about one copy of the weights in memory:
     the mapping has a `release(key)` method that `build` calls once a tensor has been copied into
-    another dtype or device, handing its file pages back (see `FilePages`).
+    another dtype, layout or device, handing its file pages back (see `FilePages`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -103,40 +117,52 @@ def lazy_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return MappedStateDict(_unwrap(_load_pickle(path, "cpu"), path), FilePages(path))
 
 
+def _libc_madvise():
+    """libc's madvise where its MADV_DONTNEED drops a private file mapping's pages (Linux); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # pragma: no cover - every Linux libc has madvise
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_MADVISE = _libc_madvise()
+_MADV_DONTNEED = 4
+
+
 class FilePages:
     """This process's read-only mappings of one file, and a way to give their resident pages back.
 
     A memory-mapped checkpoint's pages count in the process's RSS once read. When a tensor has been
-    copied (cast to another dtype, or moved to a GPU) the pages it was read from are dropped with
-    `madvise(MADV_DONTNEED)`, so loading into bf16 does not also keep the float32 file resident.
-    Only pages wholly inside the tensor that lie in a mapping of this very file (checked against
-    /proc/self/maps by inode) are touched: for a file mapping that was never written, a later read
-    simply faults the same bytes back in from the file. Elsewhere than Linux this does nothing.
+    copied (cast to another dtype or layout, or moved to a GPU) the pages it was read from are
+    dropped with `madvise(MADV_DONTNEED)`, so the process does not hold that weight twice. Only pages
+    wholly inside the tensor that lie in a mapping of this very file (checked against /proc/self/maps
+    by inode) and that were never written (checked in /proc/self/pagemap) are dropped: for those, a
+    later read faults the same bytes back in from the file, so no value ever changes. A tensor
+    changed in place keeps its pages. Elsewhere than Linux (or where /proc/self/pagemap cannot be
+    read) this does nothing: the copies are correct, and the file's pages stay mapped until the last
+    tensor viewing the file is freed.
     """
-
-    MADV_DONTNEED = 4
 
     def __init__(self, path: str):
         self.path = os.path.realpath(path)
+        self._inode = os.stat(self.path).st_ino
         self._ranges: list[tuple[int, int]] | None = None
-        self._madvise = None
-        if sys.platform.startswith("linux"):
-            try:
-                self._madvise = ctypes.CDLL(None, use_errno=True).madvise
-                self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            except (OSError, AttributeError):  # pragma: no cover - every Linux libc has madvise
-                self._madvise = None
 
     def _mapped(self) -> list[tuple[int, int]]:
         """Address ranges where this file is mapped (read once: the mappings exist by now)."""
         if self._ranges is None:
             self._ranges = []
             try:
-                inode = os.stat(self.path).st_ino
                 with open("/proc/self/maps") as f:
                     for line in f:
                         fields = line.split(maxsplit=5)
-                        if len(fields) == 6 and int(fields[4]) == inode and fields[5].rstrip("\n").startswith(self.path):
+                        if (len(fields) == 6 and int(fields[4]) == self._inode
+                                and fields[5].rstrip("\n").startswith(self.path)):
                             start, end = (int(v, 16) for v in fields[0].split("-"))
                             self._ranges.append((start, end))
             except (OSError, ValueError):
@@ -144,8 +170,8 @@ class FilePages:
         return self._ranges
 
     def release(self, tensor: torch.Tensor) -> None:
-        """Drop the resident pages wholly inside `tensor`'s bytes, if they map this file."""
-        if self._madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        """Drop the resident pages wholly inside `tensor`'s bytes, if they map this file unchanged."""
+        if _MADVISE is None or tensor.device.type != "cpu" or not _dense(tensor):
             return
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
@@ -153,8 +179,35 @@ class FilePages:
         first, last = -(-start // page) * page, end // page * page
         if last <= first:
             return
-        if any(lo <= first and last <= hi for lo, hi in self._mapped()):
-            self._madvise(first, last - first, self.MADV_DONTNEED)
+        if any(lo <= first and last <= hi for lo, hi in self._mapped()) and _never_written(first, last):
+            _MADVISE(first, last - first, _MADV_DONTNEED)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Its elements fill [data_ptr, data_ptr + nbytes) exactly (contiguous in some dimension order)."""
+    if tensor.numel() == 0:
+        return False
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return span == tensor.numel()
+
+
+def _never_written(first: int, last: int) -> bool:
+    """No page in [first, last) of a private file mapping is the process's own (written) copy.
+
+    /proc/self/pagemap has one 64-bit entry per page: bit 63 present, bit 62 swapped, bit 61 a
+    file page. A written page of a private mapping is present and not a file page (or swapped)."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first // page * 8)
+            data = f.read((last - first) // page * 8)
+    except OSError:
+        return False
+    if not data:
+        return False
+    entries = torch.frombuffer(bytearray(data), dtype=torch.int64)
+    present, swapped, file_page = entries < 0, (entries >> 62) & 1 == 1, (entries >> 61) & 1 == 1
+    return not bool((swapped | (present & ~file_page)).any())
 
 
 class MappedStateDict(dict):
@@ -162,11 +215,11 @@ class MappedStateDict(dict):
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], pages: FilePages):
         super().__init__(tensors)
-        self._pages = pages
+        self.pages = pages
 
     def release(self, key: str) -> None:
         """Give back the file pages of tensor `key` (after it has been copied elsewhere)."""
-        self._pages.release(self[key])
+        self.pages.release(self[key])
 
 
 class LazySafetensors(Mapping):
@@ -187,11 +240,11 @@ class LazySafetensors(Mapping):
                 "truncated or not a checkpoint: download or convert it again."
             ) from None
         self.metadata = self._file.metadata() or {}
-        self._pages = FilePages(path)
+        self.pages = FilePages(path)
 
     def release(self, key: str) -> None:
         """Give back the file pages of tensor `key` (after it has been copied elsewhere)."""
-        self._pages.release(self[key])
+        self.pages.release(self[key])
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
@@ -334,3 +387,44 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "a standalone VAE file (without the first_stage_model. prefix)"
     sample = ", ".join(keys[:3])
     return f"an unknown model (keys such as {sample})"
+
+
+_BARE_UNET_KEYS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.")
+
+
+def with_unet_prefix(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A U-Net-only file whose keys lack `model.diffusion_model.` (the way U-Nets are often saved on
+    their own), seen under the official names; any other state dict is returned as it is."""
+    keys = list(state_dict)
+    if any(k.startswith(_ALL_PREFIXES) for k in keys) or not any(k.startswith(_BARE_UNET_KEYS) for k in keys):
+        return state_dict
+    return PrefixedStateDict(state_dict, COMPONENT_PREFIXES["unet"])
+
+
+class PrefixedStateDict(Mapping):
+    """Another mapping's tensors under `prefix + key`, without copying; `release` is passed on."""
+
+    def __init__(self, inner: Mapping[str, torch.Tensor], prefix: str):
+        self._inner, self._prefix = inner, prefix
+
+    def _own(self, key: str) -> str:
+        if not isinstance(key, str) or not key.startswith(self._prefix):
+            raise KeyError(key)
+        return key[len(self._prefix):]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._inner[self._own(key)]
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key.startswith(self._prefix) and key[len(self._prefix):] in self._inner
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._prefix + k for k in self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def release(self, key: str) -> None:
+        release = getattr(self._inner, "release", None)
+        if release is not None:
+            release(self._own(key))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS
+from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_DTYPES, SAFETENSORS_EXTENSIONS
 
 CHECKPOINT_EXTENSIONS = PICKLE_EXTENSIONS + SAFETENSORS_EXTENSIONS
 MAX_FRAMES = 256
@@ -341,12 +341,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import lazy_state_dict
-    from .detect import detect_config
+    from . import build
+    from .checkpoint import lazy_state_dict, with_unet_prefix
 
     ckpt = _checkpoint_path(args.ckpt)
-    state_dict = lazy_state_dict(ckpt)
-    config = detect_config(state_dict)
+    state_dict = with_unet_prefix(lazy_state_dict(ckpt))
+    config = build(state_dict, device="meta").config  # every key, shape and dtype checked, without memory
     print(describe_checkpoint(ckpt, state_dict, config))
     return 0
 
@@ -394,20 +394,19 @@ def _shapes_and_dtypes(path: Path, state_dict) -> dict:
     if path.name.lower().endswith(SAFETENSORS_EXTENSIONS):
         from safetensors import safe_open
 
+        from .checkpoint import with_unet_prefix
+
         with safe_open(str(path), framework="pt", device="cpu") as f:
             out = {}
             for key in f.keys():
                 view = f.get_slice(key)
                 out[key] = (tuple(view.get_shape()), _safetensors_dtype(view.get_dtype()))
-            return out
+            return dict(with_unet_prefix(out))  # the names `state_dict` uses for a bare U-Net file
     return {key: (tuple(t.shape), t.dtype) for key, t in state_dict.items()}
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-             "U8": torch.uint8, "BOOL": torch.bool}
-    return table.get(name, torch.uint8)
+    return SAFETENSORS_DTYPES.get(name, torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------

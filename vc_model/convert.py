@@ -29,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+from .build import build
 from .checkpoint import (PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, CheckpointError, FilePages, LazySafetensors,
                          MappedStateDict, _load_pickle, _unwrap)
 from .files import atomic_output
+from .integrity import FiniteScan
 from .turbo import _lora_list, looks_like_turbo, turbo_version
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -93,22 +95,6 @@ def _target_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> 
     return dtype
 
 
-def _open_source(source: Path) -> tuple[Mapping[str, torch.Tensor], str]:
-    """(tensors, what they are): memory-mapped or lazy, read once. `what` is the detected VideoCrafter
-    release, or "T2V-Turbo v1"/"T2V-Turbo v2"; CheckpointError for anything else."""
-    if source.name.lower().endswith(SAFETENSORS_EXTENSIONS):
-        tensors = LazySafetensors(str(source))
-    else:
-        data = _load_pickle(str(source), "cpu")
-        if isinstance(data, (list, tuple)):  # only T2V-Turbo's v1 LoRA is a plain list
-            tensors = _lora_list(data, source.name)
-            return tensors, f"T2V-Turbo {turbo_version(tensors, source.name)}"
-        tensors = MappedStateDict(_unwrap(data, str(source)), FilePages(str(source)))
-    if looks_like_turbo(tensors):
-        return tensors, f"T2V-Turbo {turbo_version(tensors, source.name)}"
-    return tensors, _detect_release(tensors)
-
-
 def _tensor_bytes(tensor: torch.Tensor):
     """A contiguous CPU tensor's raw little-endian bytes as a numpy uint8 view (no copy)."""
     return tensor.reshape(-1).view(torch.uint8).numpy()
@@ -140,12 +126,24 @@ def _check_output(source: Path, output: Path, force: bool) -> None:
 
 
 def _detect_release(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The release name, or CheckpointError when this is not a VideoCrafter checkpoint."""
-    try:
-        from .detect import detect_config
-    except ImportError:  # pragma: no cover - detect.py is part of the package
-        return None
-    return detect_config(state_dict).name
+    """The release name, or CheckpointError when this is not a VideoCrafter checkpoint or a tensor
+    of it is damaged (a build on `meta` checks every key, shape and dtype without using memory)."""
+    return build(state_dict, device="meta").config.name
+
+
+def _open_source(source: Path) -> tuple[Mapping[str, torch.Tensor], str]:
+    """(tensors, what they are): memory-mapped or lazy, read once, with `release(key)`. `what` is the
+    detected VideoCrafter release, or "T2V-Turbo v1"/"T2V-Turbo v2"; CheckpointError for anything else."""
+    if source.name.lower().endswith(SAFETENSORS_EXTENSIONS):
+        tensors = LazySafetensors(str(source))
+    else:
+        data = _load_pickle(str(source), "cpu")
+        # only T2V-Turbo's v1 LoRA is a plain list
+        tensors = _lora_list(data, source.name) if isinstance(data, (list, tuple)) else _unwrap(data, str(source))
+        tensors = MappedStateDict(tensors, FilePages(str(source)))
+    if looks_like_turbo(tensors):
+        return tensors, f"T2V-Turbo {turbo_version(tensors, source.name)}"
+    return tensors, _detect_release(tensors)
 
 
 def convert_checkpoint(
@@ -196,22 +194,27 @@ def convert_checkpoint(
     header = json.dumps({"__metadata__": metadata, **header_entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # data starts 8-byte aligned
 
-    checksums = {}
+    checksums, scan = {}, FiniteScan()
     with atomic_output(output, force=force) as tmp:
         with open(tmp, "wb") as f:
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             for done, (key, out_dtype) in enumerate(plan, 1):
-                # pop from a loaded dict so the original is released as soon as it is written
-                tensor = state_dict.pop(key) if isinstance(state_dict, dict) else state_dict[key]
-                tensor = tensor.to(device="cpu", dtype=out_dtype).contiguous()
+                original = state_dict[key]
+                tensor = original.to(device="cpu", dtype=out_dtype).contiguous()
+                scan.add(key, tensor, original, now=True)
                 checksums[key] = _write_tensor(f, tensor)
-                del tensor
+                del tensor, original
+                # written: give back the source's file pages, and drop a loaded dict's reference
+                state_dict.release(key)
+                if isinstance(state_dict, dict):
+                    del state_dict[key]
                 if progress is not None:
                     progress(done, len(plan))
             f.flush()
             os.fsync(f.fileno())
     del state_dict
+    scan.warn()
 
     if verify:
         verify_safetensors(output, header_entries, checksums)

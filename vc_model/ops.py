@@ -17,8 +17,8 @@ What these defaults add to plain torch.nn:
   `upsample_nearest2x` (nearest x2 then this conv, as four 2x2 convs).
 * GroupNorm computes its statistics and affine in float32 and returns the input's dtype (the
   official `GroupNorm32`). Half inputs take PyTorch's native kernels where those accumulate in
-  float32 (CPU: the mixed-dtype kernel with float32 affine, bitwise equal to upcasting; CUDA);
-  other backends upcast.
+  float32 (CPU: the mixed-dtype kernel with float32 affine, bitwise equal to upcasting; CUDA, and
+  the meta device like CUDA); other backends upcast.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class GroupNorm(nn.GroupNorm):
             w = None if self.weight is None else self.weight.float()
             b = None if self.bias is None else self.bias.float()
             return F.group_norm(x, self.num_groups, w, b, self.eps)
-        if x.dtype in HALF and x.device.type != "cuda":
+        if x.dtype in HALF and x.device.type not in ("cuda", "meta"):  # meta: as CUDA (memory tracking)
             w = None if self.weight is None else self.weight.float()
             b = None if self.bias is None else self.bias.float()
             return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)

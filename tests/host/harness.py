@@ -137,6 +137,78 @@ def error_message(entry: dict) -> str:
     return json.dumps(entry["status"])[:2000]
 
 
+# ---- execution events -------------------------------------------------------------------------------
+
+
+class ExecutionWatcher:
+    """Records ComfyUI's "executing" events ({prompt id: [node ids in order]}) from its websocket.
+
+    A minimal stdlib websocket client (text frames from the server are unmasked; nothing is sent but the
+    handshake), read on a daemon thread so no event is missed between two looks. Start it before queueing
+    the prompts it should see; `wait_node` then returns once a prompt has started a given node."""
+
+    def __init__(self, port: int, client_id: str):
+        import base64
+        import threading
+
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self._sock.recv(1)
+            if not chunk:
+                raise AssertionError("ComfyUI closed the websocket during the handshake")
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head.decode(errors="replace")
+        self._sock.settimeout(None)
+        self.started: dict[str, list[str]] = {}
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self._sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _read(self) -> None:
+        try:
+            while True:
+                first, second = self._exact(2)
+                length = second & 0x7F
+                if length == 126:
+                    length = int.from_bytes(self._exact(2), "big")
+                elif length == 127:
+                    length = int.from_bytes(self._exact(8), "big")
+                payload = self._exact(length)
+                if first & 0x0F != 1:  # only text frames carry JSON events
+                    continue
+                message = json.loads(payload)
+                data = message.get("data") or {}
+                if message.get("type") == "executing" and data.get("node") is not None:
+                    with self._changed:
+                        self.started.setdefault(data.get("prompt_id"), []).append(str(data["node"]))
+                        self._changed.notify_all()
+        except (EOFError, OSError, ValueError):
+            return
+
+    def wait_node(self, prompt_id: str, node_id: str, timeout: float = 120) -> None:
+        """Block until `prompt_id` has started node `node_id`."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: node_id in self.started.get(prompt_id, []), timeout):
+                raise AssertionError(f"prompt {prompt_id} did not reach node {node_id} within {timeout} s "
+                                     f"(started: {self.started.get(prompt_id)})")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 # ---- server ------------------------------------------------------------------------------------------
 
 
@@ -219,6 +291,10 @@ class Server:
         entry = self.run(graph, timeout)
         assert entry["status"]["status_str"] == "success", f"{error_message(entry)}\n{self.log_tail()}"
         return entry["outputs"]
+
+    def watch(self) -> ExecutionWatcher:
+        """A websocket watcher of this server's "executing" events for our prompts (see ExecutionWatcher)."""
+        return ExecutionWatcher(self.port, self.client_id)
 
     def interrupt(self, prompt_id: str | None = None) -> int:
         """POST /interrupt (global, or only that prompt) -> http status."""

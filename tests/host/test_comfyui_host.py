@@ -21,8 +21,9 @@ import torch  # noqa: E402
 from harness import Server, comfy_server, error_message, mp4_info, prepare_base, write_image  # noqa: E402,F401
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-NODE_IDS = ["VideoCrafterCheckpointLoader", "VideoCrafterImageEncode", "VideoCrafterConditioning",
-            "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode", "VideoCrafterEncode"]
+NODE_IDS = ["VideoCrafterCheckpointLoader", "VideoCrafterUNetLoader", "VideoCrafterImageEncode",
+            "VideoCrafterConditioning", "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode",
+            "VideoCrafterEncode", "VideoCrafterLoraLoader"]
 WIDTH, HEIGHT, FRAMES = 128, 64, 4  # tiny models: latent 4 x 8 x 16
 PROMPT = "a corgi running on the beach"
 

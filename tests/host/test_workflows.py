@@ -1,15 +1,18 @@
 """The bundled workflows against a real ComfyUI (set COMFYUI_PATH to a ComfyUI v0.8.0 checkout).
 
 One server (tests/host/harness.py) with tiny random checkpoints saved under the names the workflows use
-(official `{"state_dict": ...}` .ckpt pickles) and the I2V start image uploaded under the workflow's name.
+(official `{"state_dict": ...}` .ckpt pickles) and, in its input folder, what a fresh ComfyUI has there (the
+`input/example.png` ComfyUI ships, which the I2V template opens with).
 Each UI workflow is checked against the live /object_info (node types, widget values, link types, and
 the same graph as its API twin); each API workflow is queued with its size, frames and steps turned down
-to tiny values and must leave an mp4 of the right frame count and size in the output folder.
+to tiny values and must leave an mp4 of the right frame count and size in the output folder. The I2V template
+is also opened in headless Chromium (when installed) as the template browser opens it: no request may 404.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -18,8 +21,9 @@ from harness import require_comfyui  # tests/host/harness.py (pytest puts tests/
 
 require_comfyui()
 
-from harness import comfy_server, mp4_info, write_image  # noqa: E402
 import torch  # noqa: E402
+from browser import chromium, open_page  # noqa: E402
+from harness import COMFYUI_PATH, comfy_server, mp4_info, prepare_base  # noqa: E402
 from vc_model.config import tiny_config  # noqa: E402  (run from the repository root: python -m pytest)
 from vc_model.turbo import random_turbo_lora  # noqa: E402
 
@@ -34,18 +38,20 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TINY = {"width": 128, "height": 64, "frames": 4, "steps": 2, "frames_per_chunk": 4}
 RUN_TIMEOUT = 180
 PACK = "comfyui-videocrafter"
+USER_FILES = ("/api/userdata", "/user.css", "/favicon.ico")  # optional per-user files (settings, css, templates), icon
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     assert {spec[0] for spec in wf.KINDS.values()} == set(CHECKPOINTS)
-    base = tmp_path_factory.mktemp("comfy_workflows")
+    base = prepare_base(tmp_path_factory.mktemp("comfy_workflows"))
+    for shipped in (Path(COMFYUI_PATH) / "input").iterdir():  # the input folder of a fresh install
+        if shipped.is_file():
+            shutil.copy(shipped, base / "input" / shipped.name)
     for turbo_file in {spec[1] for spec in wf.TURBO_KINDS.values()}:  # a tiny T2V-Turbo v1 LoRA, official list format
         (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
         torch.save(random_turbo_lora(tiny_config().unet), base / "models" / "loras" / turbo_file)
     with comfy_server(base, CHECKPOINTS) as srv:
-        image = write_image(base / "start.png", width=96, height=64)
-        assert srv.upload_image(image, wf.I2V_IMAGE) == wf.I2V_IMAGE
         yield srv
 
 
@@ -180,6 +186,36 @@ def test_example_workflows_are_served_as_templates(server):
     for kind in wf.ALL_KINDS:
         with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{kind}.json", timeout=30) as reply:
             assert json.loads(reply.read()) == wf.load(wf.EXAMPLES / f"{kind}.json")
+
+
+def test_i2v_template_opens_an_image_a_fresh_comfyui_has(server):
+    assert (Path(COMFYUI_PATH) / "input" / wf.I2V_IMAGE).is_file(), (
+        f"ComfyUI no longer ships input/{wf.I2V_IMAGE}: give the I2V template an image it does ship")
+    ui = wf.load(wf.EXAMPLES / "videocrafter1_i2v_512.json")
+    (loader,) = [node for node in ui["nodes"] if node["type"] == "LoadImage"]
+    assert loader["widgets_values"][0] == wf.I2V_IMAGE
+    note = next(node for node in ui["nodes"] if node["type"] in wf.VIRTUAL_TYPES)["widgets_values"][0]
+    assert f"`{wf.I2V_IMAGE}`" in note and "replace the start image" in note  # the note says what to replace
+    assert wf.I2V_IMAGE in server.object_info("LoadImage")["input"]["required"]["image"][0]
+    with urllib.request.urlopen(f"{server.url}/api/view?filename={wf.I2V_IMAGE}&type=input", timeout=30) as reply:
+        assert reply.status == 200 and reply.headers["Content-Type"].startswith("image/")
+
+
+def test_i2v_template_loads_in_the_browser_without_a_404(server):
+    """Opened by URL (`/?template=<name>&source=<pack>`, what the template browser loads) in headless Chromium."""
+    if chromium() is None:
+        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium): the browser check of the template "
+                    "is skipped; test_i2v_template_opens_an_image_a_fresh_comfyui_has still checks the image")
+    loaded = ("(window.app?.graph?._nodes || []).some(n => n.type === 'VideoCrafterImageEncode') && "
+              "window.app.graph._nodes.find(n => n.type === 'LoadImage').widgets[0].value")
+    page = open_page(f"{server.url}/?template=videocrafter1_i2v_512&source={PACK}", until=loaded, timeout=240)
+    assert page.value == wf.I2V_IMAGE
+    assert any(status == 200 and "/view?" in url and f"filename={wf.I2V_IMAGE}" in url
+               for status, url in page.responses), page.responses  # the preview was fetched, and found
+    # a fresh install has no user files and ComfyUI serves no favicon: the frontend asks anyway and gets 404s
+    missing = [(status, url) for status, url in page.responses
+               if status == 404 and not any(part in url for part in USER_FILES)]
+    assert not missing, missing
 
 
 # ---- API workflows run to an mp4 ---------------------------------------------------------------------------
