@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import conditioning, loader, lora, sampler, vae_io
+from . import conditioning, loader, long_video_nodes, lora, sampler, turbo_nodes, vae_io
 from .ckpt_check import inspect_checkpoint, inspect_unet
-from .long_video_nodes import NODES as LONG_VIDEO_NODES
 from .logic import (MAX_BATCH, MAX_CFG, MAX_FPS, MAX_FRAMES, MAX_SIZE, MAX_STEPS, SIZE_MULTIPLE, conditioning_problem,
                     eta_problem, file_problem)
 
@@ -295,7 +294,9 @@ NODES = [VideoCrafterCheckpointLoader, VideoCrafterUNetLoader, VideoCrafterImage
          VideoCrafterSampler, VideoCrafterDDIMSampler, VideoCrafterDecode, VideoCrafterEncode, VideoCrafterLoraLoader]
 
 # long videos (FreeNoise windows, rescheduled noise, prompt travel): nodes/long_video_nodes.py
-NODES += LONG_VIDEO_NODES
+NODES += long_video_nodes.NODES
+# T2V-Turbo (nodes/turbo_nodes.py)
+NODES += turbo_nodes.NODES
 
 
 class VideoCrafterExtension(ComfyExtension):

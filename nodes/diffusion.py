@@ -15,6 +15,7 @@ from ..vc_model.resampler import Resampler
 from ..vc_model.unet import UNet3D
 from .guards import explain_out_of_memory, sampling_oom
 from .long_video_logic import unet_text_arguments
+from .turbo_sampling import turbo_unet_kwargs
 
 
 class VideoCrafterUNet(UNet3D):
@@ -29,9 +30,10 @@ class VideoCrafterUNet(UNet3D):
                 frame_context: torch.Tensor | None = None, **kwargs):
         """x [B,4,T,h,w] in the compute dtype; timesteps [B]; context [B,L,D] text tokens; fps [B] or None;
         clip_tokens [B,N,width] CLIP patch tokens (I2V); transformer_options: ComfyUI's patches and
-        attention options (vc_model/patches.py), and the FreeNoise window of VideoCrafter Long Video
-        (temporal_window, temporal_stride); frame_context [B,L,T,D]: prompt travel's per-frame tokens
-        (nodes/long_video_logic.py) -> eps [B,4,T,h,w]. ControlNet is refused.
+        attention options (vc_model/patches.py), the FreeNoise window of VideoCrafter Long Video
+        (temporal_window, temporal_stride) and T2V-Turbo's guidance (nodes/turbo_sampling.py);
+        frame_context [B,L,T,D]: prompt travel's per-frame tokens (nodes/long_video_logic.py)
+        -> eps [B,4,T,h,w]. ControlNet is refused.
 
         Out-of-memory errors (any sampler) come out as torch.OutOfMemoryError saying what to lower."""
         if control is not None:
@@ -48,4 +50,5 @@ class VideoCrafterUNet(UNet3D):
                 raise ValueError("This VideoCrafter model is text-to-video: it cannot use an image conditioning.")
             image_context = self.image_proj_model(clip_tokens.to(x.dtype))
         return super().forward(x, timesteps, context, fps=fps, image_context=image_context,
-                               transformer_options=transformer_options, down_context=down_context)
+                               transformer_options=transformer_options, down_context=down_context,
+                               **turbo_unet_kwargs(transformer_options, timesteps))

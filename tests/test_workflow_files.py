@@ -31,9 +31,16 @@ KINDS = {
 LONG = {"videocrafter2_t2v_512_long": (64, 0.0, 16, 4)}
 I2V_IMAGE = "example.png"  # LoadImage's default: ComfyUI ships input/example.png, so a fresh install opens it
 
+# T2V-Turbo workflows: kind -> (checkpoint, T2V-Turbo file, steps, conditioning fps, mp4 fps)
+TURBO_KINDS = {
+    "videocrafter2_turbo_4step": ("videocrafter2_t2v_512.ckpt", "t2v_turbo_vc2_unet_lora.pt", 4, 16, 16),
+}
+ALL_KINDS = [*KINDS, *TURBO_KINDS]
+
 OUR_TYPES = {"VideoCrafterCheckpointLoader", "VideoCrafterImageEncode", "VideoCrafterConditioning",
              "VideoCrafterSampler", "VideoCrafterDDIMSampler", "VideoCrafterDecode", "VideoCrafterEncode",
-             "VideoCrafterLongVideo", "VideoCrafterFreeNoiseNoise", "VideoCrafterPromptTravel"}
+             "VideoCrafterLongVideo", "VideoCrafterFreeNoiseNoise", "VideoCrafterPromptTravel",
+             "VideoCrafterApplyTurbo", "VideoCrafterTurboSampler"}
 CORE_TYPES = {"CLIPTextEncode", "LoadImage", "CreateVideo", "SaveVideo", "KSampler"}
 VIRTUAL_TYPES = {"MarkdownNote", "Note"}  # frontend-only notes: never sent to the server
 
@@ -49,6 +56,8 @@ WIDGETS = {
     "VideoCrafterSampler": ["seed", CONTROL, "steps", "cfg", "eta"],
     "VideoCrafterDecode": ["frames_per_chunk"],
     "VideoCrafterLongVideo": ["window", "stride", "reschedule_noise"],
+    "VideoCrafterApplyTurbo": ["turbo_name", "guidance", "motion_guidance", "motion_percentage"],
+    "VideoCrafterTurboSampler": ["seed", CONTROL, "steps"],
     "CLIPTextEncode": ["text"],
     "LoadImage": ["image", UPLOAD],
     "CreateVideo": ["fps"],
@@ -112,19 +121,19 @@ def test_every_json_file_parses():
 
 
 def test_each_kind_has_ui_api_and_template_copy():
-    names = {f"{kind}.json" for kind in KINDS}
+    names = {f"{kind}.json" for kind in ALL_KINDS}
     for folder in (UI_DIR, API_DIR, EXAMPLES):
         assert {p.name for p in folder.glob("*.json")} == names, folder
     for folder in TEMPLATE_FOLDERS[1:]:
         assert not list((ROOT / folder).glob("*.json")), f"{folder}/*.json would be listed as templates too"
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         assert load(EXAMPLES / f"{kind}.json") == load(ui_path(kind)), f"example_workflows/{kind}.json differs"
 
 
 # ---- UI format -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_ui_workflow_is_well_formed(kind):
     ui = load(ui_path(kind))
     assert ui["version"] == 0.4
@@ -164,7 +173,7 @@ def test_ui_workflow_is_well_formed(kind):
             assert not node["inputs"] and not node["outputs"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_only_core_and_our_node_types(kind):
     ui_types = {node["type"] for node in load(ui_path(kind))["nodes"]} - VIRTUAL_TYPES
     api_types = {node["class_type"] for node in load(api_path(kind)).values()}
@@ -176,7 +185,7 @@ def test_only_core_and_our_node_types(kind):
 # ---- UI <-> API ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_ui_and_api_twin_describe_the_same_graph(kind):
     ui, api = load(ui_path(kind)), load(api_path(kind))
     assert ui_to_api(ui) == strip_meta(api)
@@ -232,3 +241,32 @@ def test_official_defaults_and_mp4_output(kind):
         assert cond["positive"] == [encode_id, 0] and cond["negative"] == [encode_id, 1]
     else:
         assert "LoadImage" not in by_type and "VideoCrafterImageEncode" not in by_type
+
+
+@pytest.mark.parametrize("kind", TURBO_KINDS)
+def test_turbo_workflow_keeps_the_official_turbo_settings(kind):
+    ckpt, turbo_file, steps, fps, mp4_fps = TURBO_KINDS[kind]
+    api = load(api_path(kind))
+    by_type = {}
+    for key, node in api.items():
+        by_type.setdefault(node["class_type"], []).append((key, node["inputs"]))
+    (loader_id, loader), = by_type["VideoCrafterCheckpointLoader"]
+    assert loader == {"ckpt_name": ckpt, "weight_dtype": "auto"}
+    (apply_id, apply), = by_type["VideoCrafterApplyTurbo"]
+    assert apply == {"model": [loader_id, 0], "turbo_name": turbo_file, "guidance": 7.5, "motion_guidance": 0.05,
+                     "motion_percentage": 0.5}
+    (cond_id, cond), = by_type["VideoCrafterConditioning"]
+    assert (cond["width"], cond["height"], cond["frames"], cond["fps"], cond["batch_size"]) == (512, 320, 16, fps, 1)
+    (sampler_id, sampler), = by_type["VideoCrafterTurboSampler"]
+    assert sampler == {"model": [apply_id, 0], "positive": [cond_id, 0], "latent_image": [cond_id, 2], "seed": 123,
+                       "steps": steps}
+    assert "VideoCrafterSampler" not in by_type and "KSampler" not in by_type
+    (_, text), = by_type["CLIPTextEncode"]
+    assert text["text"] and cond["positive"] == cond["negative"]  # no negative prompt: Turbo has no CFG
+    (decode_id, decode), = by_type["VideoCrafterDecode"]
+    assert decode["samples"] == [sampler_id, 0]
+    (create_id, create), = by_type["CreateVideo"]
+    assert create["images"] == [decode_id, 0] and create["fps"] == mp4_fps
+    (_, save), = by_type["SaveVideo"]
+    assert save["video"] == [create_id, 0] and (save["format"], save["codec"]) == ("mp4", "h264")
+    assert save["filename_prefix"] == f"video/{kind}"

@@ -15,9 +15,12 @@ from .freenoise import reschedule_noise
 from .pipeline import generate
 from .sampling import ddim_timesteps, sample_ddim
 from .schedule import Schedule
+from .turbo import TurboError, apply_turbo, load_turbo
+from .turbo_sampler import sample_turbo, turbo_timesteps
 
 __all__ = [
     "Bundle", "CheckpointError", "ModelConfig", "RELEASES", "Schedule", "build", "config_from_official",
     "ddim_timesteps", "detect_config", "expected_shapes", "generate", "lazy_state_dict", "load",
     "load_state_dict", "random_state_dict", "reschedule_noise", "sample_ddim", "tiny_config",
+    "TurboError", "apply_turbo", "load_turbo", "sample_turbo", "turbo_timesteps",
 ]

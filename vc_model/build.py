@@ -38,6 +38,7 @@ class Bundle:
     text_encoder: TextEncoder | None = None
     image_encoder: ImageEncoder | None = None
     schedule: Schedule | None = None
+    turbo: str | None = None  # "v1" / "v2" once vc_model.apply_turbo made the U-Net T2V-Turbo
 
     def modules(self) -> dict[str, nn.Module]:
         parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,

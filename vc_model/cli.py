@@ -106,7 +106,8 @@ def _check_range(name: str, value, low, high, hint: str = "") -> None:
 
 
 def _check_sampling(args) -> None:
-    _check_range("steps", args.steps, 1, 1000)
+    if args.steps is not None:
+        _check_range("steps", args.steps, 1, 1000)
     _check_range("cfg", args.cfg, 0.0, 100.0)
     _check_range("eta", args.eta, 0.0, 1.0,
                  " (eta is the DDIM noise amount: 0 is deterministic, 1 the official default; it is not a duration)")
@@ -115,6 +116,32 @@ def _check_sampling(args) -> None:
         _check_range("fps", args.fps, 1, 120)
     if args.frames is not None:
         _check_range("frames", args.frames, 1, MAX_FRAMES)
+    _check_turbo_options(args)
+
+
+def _check_turbo_options(args) -> None:
+    """T2V-Turbo's options (generate --turbo); they mean nothing without it."""
+    turbo = getattr(args, "turbo", None)
+    given = [f"--{name.replace('_', '-')}" for name in ("guidance", "motion_guidance", "motion_percentage")
+             if getattr(args, name, None) is not None]
+    if turbo is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} {'is a' if len(given) == 1 else 'are'} T2V-Turbo option"
+                             f"{'' if len(given) == 1 else 's'}: add --turbo unet_lora.pt (or unet_mg.pt).")
+        return
+    if not Path(turbo).is_file():
+        raise UsageError(f"No T2V-Turbo file at '{turbo}': check the path.")
+    if args.steps is not None:
+        _check_range("steps", args.steps, 1, 200, " (T2V-Turbo's timesteps come from a grid of 200; officially 4 to 16)")
+    if args.guidance is not None:
+        _check_range("guidance", args.guidance, 0.0, 100.0)
+    if args.motion_percentage is not None:
+        _check_range("motion-percentage", args.motion_percentage, 0.0, 1.0)
+    if getattr(args, "negative", None) is not None:
+        raise UsageError("T2V-Turbo samples without classifier-free guidance, so it takes no --negative prompt.")
+    if getattr(args, "travel", None):
+        raise UsageError("--travel runs with the DDIM sampler; T2V-Turbo's sampler takes one prompt per video "
+                         "(--window works with --turbo).")
 
 
 def resolve_video_options(args, config) -> tuple[int, int, int, int]:
@@ -188,22 +215,29 @@ def render(bundle, args, prompt: str, image=None) -> dict:
     from .video import read_mp4_info, write_mp4
 
     height, width, frames, fps = resolve_video_options(args, bundle.config)
-    from .sampling import ddim_timesteps
+    if bundle.turbo is not None:
+        options = turbo_options(bundle, args)
+        _say(f"generating {frames} frames at {width}x{height}, T2V-Turbo {bundle.turbo}: {options['steps']} steps, "
+             f"guidance {options['guidance']}, motion guidance {options['motion_guidance']}, fps {fps}, seed {args.seed}")
+    else:
+        from .sampling import ddim_timesteps
 
-    steps = len(ddim_timesteps(args.steps, bundle.schedule.num_timesteps))
-    if steps != args.steps:
-        _say(f"note: the official DDIM spacing runs {steps} steps for --steps {args.steps}")
-    _say(f"generating {frames} frames at {width}x{height}, {steps} DDIM steps, cfg {args.cfg}, "
-         f"eta {args.eta}, fps {fps}, seed {args.seed}")
+        requested = 50 if args.steps is None else args.steps
+        steps = len(ddim_timesteps(requested, bundle.schedule.num_timesteps))
+        if steps != requested:
+            _say(f"note: the official DDIM spacing runs {steps} steps for --steps {requested}")
+        _say(f"generating {frames} frames at {width}x{height}, {steps} DDIM steps, cfg {args.cfg}, "
+             f"eta {args.eta}, fps {fps}, seed {args.seed}")
+        options = {"steps": requested, "cfg": args.cfg, "eta": args.eta,
+                   "negative_prompt": getattr(args, "negative", None)}
     if args.window is not None:
         _say(f"FreeNoise: temporal windows of {args.window} frames every {args.stride}, rescheduled noise"
              + ("" if frames > args.window else f" (no effect on {frames} frames: the window holds them all)"))
     if args.travel:
         _say(f"prompt travel through {1 + len(args.travel)} prompts")
     video = generate(
-        bundle, negative_prompt=getattr(args, "negative", None), image=image,
-        height=height, width=width, frames=frames, fps=fps, steps=args.steps, cfg=args.cfg,
-        eta=args.eta, seed=args.seed, callback=ProgressBar("sampling"), **long_video_arguments(args, prompt),
+        bundle, image=image, height=height, width=width, frames=frames, fps=fps,
+        seed=args.seed, callback=ProgressBar("sampling"), **options, **long_video_arguments(args, prompt),
     )
     _say("decoded; writing the video")
     out = write_mp4(args.out, to_uint8_frames(video)[0], fps=args.save_fps)
@@ -239,6 +273,23 @@ def _long_video_options(p: argparse.ArgumentParser) -> None:
                    help="prompt travel: the video moves on from the prompt to this one (repeat for more, in order)")
 
 
+def turbo_options(bundle, args) -> dict:
+    """generate()'s T2V-Turbo settings: the command line's, or the official ones of the release (steps 4 / 16,
+    guidance 7.5, and for a v2 file with motion layers motion guidance 0.05 on the first half: predict.py)."""
+    from .turbo import TURBO_DEFAULTS
+
+    defaults = TURBO_DEFAULTS[bundle.turbo]
+    motion = args.motion_guidance
+    if motion is None and bundle.unet.motion_cond_proj is not None:
+        motion = defaults.motion_guidance
+    if motion is not None and bundle.unet.motion_cond_proj is None:
+        raise UsageError("--motion-guidance needs a T2V-Turbo v2 file with motion guidance (unet_mg.pt); this one has "
+                         "no motion layers.")
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return {"steps": pick(args.steps, defaults.steps), "guidance": pick(args.guidance, defaults.guidance),
+            "motion_guidance": motion, "motion_percentage": pick(args.motion_percentage, defaults.motion_percentage)}
+
+
 def _report(out: Path, info: dict, seconds: float) -> None:
     print(f"wrote {out} ({info['frames']} frames, {info['width']}x{info['height']}, {info['fps']:g} fps, "
           f"{info['codec']}) in {seconds:.1f} s")
@@ -249,7 +300,7 @@ def _report(out: Path, info: dict, seconds: float) -> None:
 
 
 def cmd_generate(args) -> int:
-    from . import build
+    from . import apply_turbo, build
     from .checkpoint import lazy_state_dict
     from .detect import detect_config
 
@@ -273,12 +324,26 @@ def cmd_generate(args) -> int:
     if not config.is_i2v and image is not None:
         raise UsageError(f"'{ckpt.name}' is {config.name}, a text-to-video model: it takes no --image.")
     resolve_video_options(args, config)  # refuse bad sizes before building anything
+    turbo = load_turbo_for(config, args.turbo) if args.turbo else None
     _say(f"model: {config.name}; building on {device} in {str(dtype).removeprefix('torch.')}")
     bundle = build(state_dict, config, dtype=dtype, device=device)
     del state_dict
+    if turbo is not None:
+        bundle = apply_turbo(bundle, turbo)
+        del turbo
     info = render(bundle, args, args.prompt, image)
     _report(out, info, time.monotonic() - start)
     return 0
+
+
+def load_turbo_for(config, path: str):
+    """Read a T2V-Turbo file and check it against the model before anything is built."""
+    from .turbo import load_turbo, prepare_turbo
+
+    _say(f"reading T2V-Turbo {path}")
+    turbo = load_turbo(path)
+    prepare_turbo(config.unet, turbo, name=config.name)
+    return turbo
 
 
 def cmd_demo(args) -> int:
@@ -307,7 +372,7 @@ def cmd_convert(args) -> int:
     source = _checkpoint_path(args.ckpt)
     if args.out is not None and Path(args.out).suffix.lower() != ".safetensors":
         raise UsageError(f"The output '{Path(args.out).name}' must end in .safetensors.")
-    _say(f"converting {source} to {args.dtype}")
+    _say(f"converting {source} to {args.dtype or 'fp16 (T2V-Turbo files: their stored precision)'}")
     bar = ProgressBar("writing")
     report = convert_checkpoint(source, args.out, dtype=args.dtype, force=args.force,
                                 progress=lambda done, total: bar(done - 1, total))
@@ -388,13 +453,14 @@ def _safetensors_dtype(name: str) -> torch.dtype:
 # argument parsing
 
 
-def _sampling_options(p: argparse.ArgumentParser, steps: int, out: str) -> None:
+def _sampling_options(p: argparse.ArgumentParser, steps: int | None, out: str) -> None:
     p.add_argument("--height", type=int, help="video height in pixels, a multiple of 64 (default: the model's native)")
     p.add_argument("--width", type=int, help="video width in pixels, a multiple of 64 (default: the model's native)")
     p.add_argument("--frames", type=int, help="number of frames (default: 16, what the models were trained on)")
     p.add_argument("--fps", type=int,
                    help="conditioning fps, a motion-speed hint to the model (default: the model's, 28 T2V / 8 I2V)")
-    p.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (default {steps})")
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"DDIM steps (default {steps or '50; with --turbo 4 for v1, 16 for v2'})")
     p.add_argument("--cfg", type=float, default=12.0, help="classifier-free guidance scale (default 12)")
     p.add_argument("--eta", type=float, default=1.0,
                    help="DDIM noise amount, 0 = deterministic, 1 = official default (not a duration)")
@@ -416,8 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="weight precision (auto: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    _sampling_options(p, steps=50, out="videocrafter.mp4")
+    _sampling_options(p, steps=None, out="videocrafter.mp4")
     _long_video_options(p)
+    # T2V-Turbo (few-step VideoCrafter2)
+    p.add_argument("--turbo", help="T2V-Turbo file to apply to the VideoCrafter2 checkpoint: unet_lora.pt (v1), "
+                                   "unet_mg.pt / unet_no_mg.pt (v2) or their converted .safetensors; samples with its "
+                                   "own few-step sampler, without CFG (--cfg, --eta and --negative do not apply)")
+    p.add_argument("--guidance", type=float, help="T2V-Turbo guidance scale w, an input of the model (default 7.5)")
+    p.add_argument("--motion-guidance", type=float,
+                   help="T2V-Turbo v2 motion guidance (default 0.05 for files with motion layers, as predict.py)")
+    p.add_argument("--motion-percentage", type=float,
+                   help="share of the T2V-Turbo v2 steps that get the motion guidance (default 0.5)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny RANDOM model (no checkpoint needed)")
@@ -426,10 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     _long_video_options(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("convert", help=".ckpt -> .safetensors in fp16, bf16 or fp32, verified")
-    p.add_argument("ckpt", help="the .ckpt file")
+    p = sub.add_parser("convert", help=".ckpt (or a T2V-Turbo unet_lora.pt / unet_mg.pt) -> .safetensors, verified")
+    p.add_argument("ckpt", help="the .ckpt file, or a T2V-Turbo file (the v1 LoRA list gets keys lora.0000.up, ...)")
     p.add_argument("out", nargs="?", help="output .safetensors (default: <name>.<dtype>.safetensors beside it)")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp16", help="precision to store (default fp16)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES),
+                   help="precision to store (default fp16; T2V-Turbo files keep their own, float32)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_convert)
 

@@ -29,6 +29,10 @@ class UNetConfig:
     image_attention: bool = False  # I2V: decoupled image cross-attention (`to_k_ip`, `to_v_ip`)
     init_attn: bool = True  # `addition_attention`: temporal transformer right after conv_in
     init_attn_heads: int = 8  # init_attn uses 8 heads of num_head_channels, whatever the width
+    # T2V-Turbo (vc_model.turbo): width of the guidance embedding fed to `time_cond_proj` (256), and of the
+    # v2 motion-guidance embedding fed to `motion_cond_proj` (+ `combine_proj`). None: no such layers.
+    time_cond_proj_dim: int | None = None
+    motion_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         # Order carries no meaning; keep one canonical form so configs compare equal.

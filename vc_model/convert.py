@@ -11,6 +11,10 @@ compared with what was written.
 
 The top-level schedule buffers (`alphas_cumprod`, `scale_arr`, ...; keys without a dot) stay
 float32: they are tiny and the sampler's precision depends on them.
+
+T2V-Turbo files convert too (recognised from their contents): the v1 LoRA's unnamed list becomes the
+keys `lora.0000.up`, `lora.0000.down`, ... (`vc_model.turbo`), the v2 U-Net keeps its keys. They keep
+their stored precision (float32) unless a dtype is asked for.
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ from pathlib import Path
 import torch
 
 from .build import build
-from .checkpoint import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, CheckpointError, lazy_state_dict
+from .checkpoint import (PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, CheckpointError, FilePages, LazySafetensors,
+                         MappedStateDict, _load_pickle, _unwrap)
 from .files import atomic_output
 from .integrity import FiniteScan
+from .turbo import _lora_list, looks_like_turbo, turbo_version
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -46,7 +52,7 @@ class ConversionReport:
 
     source: Path
     output: Path
-    dtype: str
+    dtype: str  # "fp16", "bf16", "fp32", or "as stored"
     release: str | None  # detected model, None if detection was not possible
     tensors: int
     kept_fp32: int  # schedule buffers left in float32
@@ -77,14 +83,14 @@ def human_size(nbytes: int) -> str:
     return f"{size:.2f} GiB"  # pragma: no cover
 
 
-def default_output(source: str | os.PathLike, dtype: str) -> Path:
-    """`model.ckpt` -> `model.fp16.safetensors` beside it."""
+def default_output(source: str | os.PathLike, dtype: str | None) -> Path:
+    """`model.ckpt` -> `model.fp16.safetensors` beside it (`unet_lora.safetensors` when kept as stored)."""
     source = Path(source)
-    return source.with_name(f"{source.stem}.{dtype}.safetensors")
+    return source.with_name(f"{source.stem}.{dtype}.safetensors" if dtype else f"{source.stem}.safetensors")
 
 
-def _target_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    if "." not in key or not tensor.is_floating_point():
+def _target_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None or "." not in key or not tensor.is_floating_point():
         return tensor.dtype  # schedule buffers and integer tensors are kept as they are
     return dtype
 
@@ -101,13 +107,16 @@ def _write_tensor(f, tensor: torch.Tensor) -> str:
     return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
 
 
-def _check_paths(source: Path, output: Path, force: bool) -> None:
+def _check_source(source: Path) -> None:
     if not source.is_file():
         raise CheckpointError(f"No checkpoint file at '{source}': check the path.")
     if not source.name.lower().endswith(PICKLE_EXTENSIONS + SAFETENSORS_EXTENSIONS):
         raise CheckpointError(
             f"'{source.name}' is not a checkpoint file: expected a .ckpt (or .pt, .pth, .safetensors) file."
         )
+
+
+def _check_output(source: Path, output: Path, force: bool) -> None:
     if output.suffix.lower() != ".safetensors":
         raise CheckpointError(f"The output '{output.name}' must end in .safetensors.")
     if output.resolve() == source.resolve():
@@ -122,36 +131,55 @@ def _detect_release(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return build(state_dict, device="meta").config.name
 
 
+def _open_source(source: Path) -> tuple[Mapping[str, torch.Tensor], str]:
+    """(tensors, what they are): memory-mapped or lazy, read once, with `release(key)`. `what` is the
+    detected VideoCrafter release, or "T2V-Turbo v1"/"T2V-Turbo v2"; CheckpointError for anything else."""
+    if source.name.lower().endswith(SAFETENSORS_EXTENSIONS):
+        tensors = LazySafetensors(str(source))
+    else:
+        data = _load_pickle(str(source), "cpu")
+        # only T2V-Turbo's v1 LoRA is a plain list
+        tensors = _lora_list(data, source.name) if isinstance(data, (list, tuple)) else _unwrap(data, str(source))
+        tensors = MappedStateDict(tensors, FilePages(str(source)))
+    if looks_like_turbo(tensors):
+        return tensors, f"T2V-Turbo {turbo_version(tensors, source.name)}"
+    return tensors, _detect_release(tensors)
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike | None = None,
-    dtype: str = "fp16",
+    dtype: str | None = "fp16",
     force: bool = False,
     verify: bool = True,
     progress=None,
 ) -> ConversionReport:
     """Convert `source` (.ckpt, or .safetensors to change precision) to a .safetensors file.
 
-    dtype: "fp16", "bf16" or "fp32". Raises CheckpointError for unusable input (wrong extension,
-    unsafe pickle, not a VideoCrafter checkpoint) and FileExistsError when `output` exists and
-    not `force`. progress(done, total) is called after each tensor is written.
+    dtype: "fp16", "bf16" or "fp32"; None keeps a T2V-Turbo file's stored precision (fp16 for a
+    VideoCrafter checkpoint). Raises CheckpointError for unusable input (wrong extension, unsafe pickle,
+    neither a VideoCrafter checkpoint nor a T2V-Turbo file) and FileExistsError when `output` exists
+    and not `force`. progress(done, total) is called after each tensor is written.
     """
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"Unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}.")
     if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian data
         raise RuntimeError("Converting needs a little-endian machine.")
     start = time.perf_counter()
     source = Path(source)
+    _check_source(source)
+    if output is not None:
+        _check_output(source, Path(output), force)
+    state_dict, release = _open_source(source)  # memory-mapped / lazy: no full copy in memory
+    if dtype is None and not release.startswith("T2V-Turbo"):
+        dtype = "fp16"
     output = Path(output) if output is not None else default_output(source, dtype)
-    _check_paths(source, output, force)
-
-    state_dict = lazy_state_dict(source)  # memory-mapped / lazy: no full copy in memory
-    release = _detect_release(state_dict)
+    _check_output(source, output, force)
     keys = list(state_dict)
     header_entries, plan, offset = {}, [], 0
     for key in keys:
         tensor = state_dict[key]
-        out_dtype = _target_dtype(key, tensor, DTYPES[dtype])
+        out_dtype = _target_dtype(key, tensor, DTYPES.get(dtype))
         if out_dtype not in _ST_DTYPES:
             raise CheckpointError(f"Tensor '{key}' has dtype {tensor.dtype}, which safetensors cannot store.")
         nbytes = tensor.numel() * torch.empty((), dtype=out_dtype).element_size()
@@ -160,7 +188,7 @@ def convert_checkpoint(
         plan.append((key, out_dtype))
         offset += nbytes
     metadata = {"format": "pt", "converted_by": "comfyui-videocrafter", "source": source.name,
-                "dtype": dtype}
+                "dtype": dtype or "as stored"}
     if release:
         metadata["model"] = release
     header = json.dumps({"__metadata__": metadata, **header_entries}, separators=(",", ":")).encode()
@@ -191,7 +219,7 @@ def convert_checkpoint(
     if verify:
         verify_safetensors(output, header_entries, checksums)
     return ConversionReport(
-        source=source, output=output, dtype=dtype, release=release, tensors=len(plan),
+        source=source, output=output, dtype=dtype or "as stored", release=release, tensors=len(plan),
         kept_fp32=sum(1 for key, _ in plan if "." not in key),
         source_bytes=source.stat().st_size, output_bytes=output.stat().st_size,
         seconds=time.perf_counter() - start, verified=verify,

@@ -186,6 +186,8 @@ def _detect_unet(keys: Mapping[str, str], sizes: Sizes) -> UNetConfig:
         fps_cond="fps_embedding.0.weight" in keys,
         image_attention=any(k.endswith("attn2.to_k_ip.weight") for k in keys),
         init_attn=init_attn,
+        time_cond_proj_dim=shape(keys["time_cond_proj.weight"])[1] if "time_cond_proj.weight" in keys else None,
+        motion_cond_proj_dim=shape(keys["motion_cond_proj.weight"])[1] if "motion_cond_proj.weight" in keys else None,
     )
 
 
@@ -412,6 +414,8 @@ def _unet_from_official(p: Mapping) -> UNetConfig:
         fps_cond=bool(p.get("fps_cond", False)),
         image_attention=bool(p.get("use_image_attention", False)),
         init_attn=bool(p.get("addition_attention", False)),
+        time_cond_proj_dim=p.get("time_cond_proj_dim"),
+        motion_cond_proj_dim=p.get("motion_cond_proj_dim"),
     )
 
 

@@ -7,6 +7,7 @@
     x_T              = randn([B,4,T,H/8,W/8]) from the seed's CPU generator, float32
                        (long videos: then FreeNoise-rescheduled with the same generator)
     latent           = sample_ddim(unet, schedule, x_T, ...)   DDIM, CFG, eta
+                       (a T2V-Turbo bundle: sample_turbo(unet, schedule, x_T, text tokens, guidance=w), no CFG)
     video            = clamp(vae.decode(latent), -1, 1)       [B,3,T,H,W]
 
 Seeds are device independent: the initial noise and the per-step noise are drawn on the CPU and
@@ -14,6 +15,8 @@ moved, so a seed gives the same video on any device (but not the official CUDA d
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import torch
@@ -21,6 +24,8 @@ import torch
 from .config import ModelConfig
 from .freenoise import DEFAULT_STRIDE, check_window, reschedule_noise, travel_embeddings, travel_segments
 from .sampling import sample_ddim
+from .turbo import TURBO_DEFAULTS, apply_turbo, load_turbo
+from .turbo_sampler import sample_turbo
 
 
 def pixel_multiple(config: ModelConfig) -> int:
@@ -118,15 +123,21 @@ def generate(
     width: int | None = None,
     frames: int | None = None,
     fps: int | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     cfg: float = 12.0,
     eta: float = 1.0,
     seed: int | torch.Generator | None = None,
     callback: Callable | None = None,
     return_latent: bool = False,
+    # long videos (vc_model.freenoise)
     temporal_window: int | None = None,
     temporal_stride: int = DEFAULT_STRIDE,
     prompt_travel: Sequence[str] | None = None,
+    # T2V-Turbo (vc_model.turbo): the weights to apply first, or True for a bundle that has them
+    turbo=None,
+    guidance: float | None = None,
+    motion_guidance: float | None = None,
+    motion_percentage: float | None = None,
 ) -> torch.Tensor:
     """Generate videos: float32 [B,3,T,H,W] in [-1,1] on the VAE's device.
 
@@ -137,6 +148,11 @@ def generate(
     image: I2V only and then required: [B,3,H,W] (or [3,H,W]) in [-1,1], any size (CLIP squashes it).
     height, width (multiples of `pixel_multiple`, 64 for the releases), frames, fps: default to the
     config's native values. steps, cfg, eta: DDIM settings (official defaults 50, 12, 1).
+    turbo: T2V-Turbo weights to apply to this VideoCrafter2 bundle first (a file path or `load_turbo`'s
+    result; `bundle` itself is left unchanged), or True to require a bundle `apply_turbo` made. A T2V-Turbo
+    bundle samples with `sample_turbo` and no CFG: cfg, eta and negative_prompt do not apply; steps
+    defaults to 4 (v1) or 16 (v2), fps to 16 (v1) or 8 (v2), guidance (w) to 7.5; motion_guidance
+    (v2 only; None: no motion path) is given on the first motion_percentage (default 0.5) of the steps.
     seed: int, a torch.Generator (the noise is drawn on its device) or None for a random one.
     callback(i, total, x, pred_x0) after every step; raising from it aborts (interrupts).
     return_latent: return the final latent [B,4,T,H/8,W/8] (float32, U-Net device) without decoding.
@@ -146,8 +162,14 @@ def generate(
     starting noise (its first W frames repeat, locally shuffled); None is the plain model.
     prompt_travel: the prompts ONE video travels through, first to last (instead of `prompt`): the frames
     are split into holds and linear blends of neighbouring prompts (`vc_model.freenoise.travel_segments`);
-    every video of the batch gets the same travel.
+    every video of the batch gets the same travel. With T2V-Turbo, temporal_window windows its sampler's
+    U-Net calls too (the starting noise rescheduled, each step's fresh noise not: not an official
+    combination); prompt_travel is DDIM only.
     """
+    bundle = _with_turbo(bundle, turbo)
+    turbo_defaults = TURBO_DEFAULTS.get(getattr(bundle, "turbo", None))
+    _check_turbo_options(turbo_defaults, negative_prompt, guidance, motion_guidance, motion_percentage)
+    steps = (turbo_defaults.steps if turbo_defaults else 50) if steps is None else steps
     config: ModelConfig = bundle.config
     _require(bundle, "unet", "text_encoder", "schedule")
     if not return_latent:
@@ -180,11 +202,14 @@ def generate(
         travel = travel if len(travel) > 1 else None
     if prompt is None:
         raise ValueError("A prompt is required (or prompt_travel for a video that travels through several).")
+    if travel is not None and turbo_defaults is not None:
+        raise ValueError("prompt_travel runs with the DDIM sampler; T2V-Turbo's sampler takes one prompt per video "
+                         "(long T2V-Turbo videos can use temporal_window).")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [] if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
     b = max(len(prompts), len(negatives), image.shape[0] if image is not None and image.ndim == 4 else 1)
     prompts = _prompts(prompts, b, "prompt")
-    guided = cfg != 1.0
+    guided = cfg != 1.0 and turbo_defaults is None
     uncond_prompts = _prompts("" if negative_prompt is None else negative_prompt, b, "negative_prompt")
 
     unet = bundle.unet
@@ -208,16 +233,54 @@ def generate(
     if temporal_window is not None:
         noise = reschedule_noise(noise, temporal_window, temporal_stride, generator=generator)
 
-    latent = sample_ddim(
-        unet, bundle.schedule, noise.to(device), context, uncond,
-        image_context=image_context, uncond_image_context=uncond_image, fps=fps,
-        steps=steps, cfg=cfg, eta=eta, generator=generator, callback=callback,
-        temporal_window=temporal_window, temporal_stride=temporal_stride, travel_context=travel_context,
-    )
+    if turbo_defaults is not None:
+        latent = sample_turbo(
+            unet, bundle.schedule, noise.to(device), context, fps=fps, steps=steps,
+            guidance=turbo_defaults.guidance if guidance is None else guidance, generator=generator,
+            motion_guidance=motion_guidance,
+            motion_percentage=turbo_defaults.motion_percentage if motion_percentage is None else motion_percentage,
+            callback=callback, temporal_window=temporal_window, temporal_stride=temporal_stride,
+        )
+    else:
+        latent = sample_ddim(
+            unet, bundle.schedule, noise.to(device), context, uncond,
+            image_context=image_context, uncond_image_context=uncond_image, fps=fps,
+            steps=steps, cfg=cfg, eta=eta, generator=generator, callback=callback,
+            temporal_window=temporal_window, temporal_stride=temporal_stride, travel_context=travel_context,
+        )
     if return_latent:
         return latent
     video = bundle.vae.decode(latent.to(_device(bundle.vae)))
     return video.float().clamp(-1.0, 1.0)
+
+
+def _with_turbo(bundle, turbo):
+    """generate's `turbo`: None (the bundle as it is), True (it must be T2V-Turbo), or weights to apply."""
+    if turbo is None:
+        return bundle
+    if turbo is True:
+        if getattr(bundle, "turbo", None) is None:
+            raise ValueError("turbo=True needs a bundle with T2V-Turbo applied: pass vc_model.apply_turbo(bundle, "
+                             "vc_model.load_turbo(path)), or pass the file as turbo=path.")
+        return bundle
+    if isinstance(turbo, (str, os.PathLike)):
+        turbo = load_turbo(turbo)
+    if not isinstance(turbo, Mapping):
+        raise ValueError(f"turbo must be a T2V-Turbo file path, load_turbo()'s result or True, got {type(turbo).__name__}.")
+    return apply_turbo(bundle, turbo)
+
+
+def _check_turbo_options(defaults, negative_prompt, guidance, motion_guidance, motion_percentage) -> None:
+    if defaults is None:
+        if guidance is not None or motion_guidance is not None or motion_percentage is not None:
+            raise ValueError("guidance, motion_guidance and motion_percentage are T2V-Turbo settings; this model is "
+                             "not T2V-Turbo (pass turbo=..., or use cfg for classifier-free guidance).")
+        return
+    if negative_prompt is not None:
+        raise ValueError("T2V-Turbo samples without classifier-free guidance, so it takes no negative prompt.")
+    if motion_percentage is not None and not 0.0 <= motion_percentage <= 1.0:
+        raise ValueError(f"motion_percentage must be from 0 to 1 (the share of steps with motion guidance), got "
+                         f"{motion_percentage!r}.")
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:

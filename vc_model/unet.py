@@ -37,6 +37,34 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """T2V-Turbo's embedding of a guidance scale, in float32. w [B] -> [B, dim].
+
+    sin half first, of w * 1000 times exp(-i * ln(10000) / (dim/2 - 1)), i < dim/2 (unlike
+    `timestep_embedding`: the other order and divisor). The arithmetic follows the official float32 order;
+    the sines of arguments up to ~10^4 are sensitive to it (float64 differs by 2e-4)."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def guidance_layers(cfg: UNetConfig, ops=None) -> dict[str, nn.Module]:
+    """T2V-Turbo's guidance projections of a config, in registration order: `time_cond_proj` (w embedding
+    -> model_channels) and, for v2 motion guidance, `motion_cond_proj` and `combine_proj` (2 mc -> mc).
+    All without bias, built from `ops`. Empty for a plain VideoCrafter U-Net."""
+    ops = ops or default_ops
+    mc, layers = cfg.model_channels, {}
+    if cfg.time_cond_proj_dim is not None:
+        layers["time_cond_proj"] = ops.Linear(cfg.time_cond_proj_dim, mc, bias=False)
+    if cfg.motion_cond_proj_dim is not None:
+        layers["motion_cond_proj"] = ops.Linear(cfg.motion_cond_proj_dim, mc, bias=False)
+        layers["combine_proj"] = ops.Linear(2 * mc, mc, bias=False)
+    return layers
+
+
 def mlp_embedding(dim: int, out_dim: int, ops=None) -> nn.Sequential:
     """`Linear -> SiLU -> Linear` (keys `.0.` and `.2.`)."""
     ops = ops or default_ops
@@ -166,6 +194,10 @@ class UNet3D(nn.Module):
 
         self.time_embed = mlp_embedding(mc, emb_dim, ops)
         self.fps_embedding = mlp_embedding(mc, emb_dim, ops) if cfg.fps_cond else None
+        # T2V-Turbo's guidance embedding (registered here, as officially: the v1 LoRA list follows this order)
+        self.time_cond_proj = self.motion_cond_proj = self.combine_proj = None
+        for name, layer in guidance_layers(cfg, ops).items():
+            setattr(self, name, layer)
 
         self.input_blocks = nn.ModuleList([Block([ops.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         self.init_attn = None
@@ -222,10 +254,35 @@ class UNet3D(nn.Module):
             if getattr(module, "image_attention", False):
                 module.image_scale = float(value)
 
-    def embed(self, timesteps: torch.Tensor, fps: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """timesteps [B], fps [B] or None -> time (+ fps) embedding [B, time_embed_dim] in `dtype`."""
+    def guidance_cond(self, guidance: torch.Tensor | None, motion_guidance: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """T2V-Turbo: time_cond_proj(w_emb), or with motion guidance
+        combine_proj([time_cond_proj(w_emb), motion_cond_proj(m_emb)]); [B, model_channels] in `dtype`.
+        The embedding widths are the layers' own (ComfyUI adds these layers to a plain U-Net as object
+        patches)."""
+        if guidance is None:
+            raise ValueError("This U-Net has T2V-Turbo's guidance embedding: pass guidance=w (official 7.5).")
+        cond = self.time_cond_proj(guidance_embedding(guidance, self.time_cond_proj.in_features).to(dtype))
+        if motion_guidance is None:
+            return cond
+        if self.motion_cond_proj is None:
+            raise ValueError("motion_guidance was given, but this U-Net has no motion-guidance layers (only T2V-Turbo "
+                             "v2 files with motion_cond_proj have them); pass motion_guidance=None.")
+        motion = self.motion_cond_proj(guidance_embedding(motion_guidance, self.motion_cond_proj.in_features).to(dtype))
+        return self.combine_proj(torch.cat([cond, motion], dim=1))
+
+    def embed(self, timesteps: torch.Tensor, fps: torch.Tensor | None, dtype: torch.dtype,
+              guidance: torch.Tensor | None = None, motion_guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """timesteps [B], fps [B] or None, guidance / motion_guidance [B] or None (T2V-Turbo) -> time
+        (+ guidance) (+ fps) embedding [B, time_embed_dim] in `dtype`."""
         mc = self.cfg.model_channels
-        emb = self.time_embed(timestep_embedding(timesteps, mc).to(dtype))
+        t_emb = timestep_embedding(timesteps, mc).to(dtype)
+        if self.time_cond_proj is not None:
+            t_emb = t_emb + self.guidance_cond(guidance, motion_guidance, dtype)
+        elif guidance is not None or motion_guidance is not None:
+            raise ValueError("guidance was given, but this U-Net has no T2V-Turbo guidance embedding: apply "
+                             "T2V-Turbo first (vc_model.apply_turbo).")
+        emb = self.time_embed(t_emb)
         if self.fps_embedding is not None:
             emb = emb + self.fps_embedding(timestep_embedding(fps, mc).to(dtype))
         return emb
@@ -233,11 +290,13 @@ class UNet3D(nn.Module):
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, fps=None,
                 image_context: torch.Tensor | None = None, transformer_options: dict | None = None,
                 temporal_window: int | None = None, temporal_stride: int = DEFAULT_STRIDE,
-                down_context: torch.Tensor | None = None) -> torch.Tensor:
+                down_context: torch.Tensor | None = None, guidance=None, motion_guidance=None) -> torch.Tensor:
         """x [B, in_channels, T, h, w] latent video; timesteps [B] or a number; context [B, L, D]
         text tokens; fps None (16), a number or [B] (used only with `fps_cond`); image_context
         [B, N, D] image tokens (I2V; None: no image branch); transformer_options: ComfyUI's dict
-        (`vc_model.patches`; a shallow copy is used) -> eps [B, out_channels, T, h, w].
+        (`vc_model.patches`; a shallow copy is used); guidance, motion_guidance: T2V-Turbo's guidance
+        scale w and v2 motion guidance, a number or [B] (motion None: no motion path)
+        -> eps [B, out_channels, T, h, w].
 
         Long videos (`vc_model.freenoise`): temporal_window W (or transformer_options["temporal_window"],
         with "temporal_stride") makes every temporal transformer attend in windows of W frames every
@@ -261,7 +320,11 @@ class UNet3D(nn.Module):
         timesteps = _per_sample(timesteps, b, device)
         if self.fps_embedding is not None:
             fps = _per_sample(DEFAULT_FPS if fps is None else fps, b, device)
-        emb = self.embed(timesteps, fps, dtype)
+        if guidance is not None:
+            guidance = _per_sample(guidance, b, device)
+        if motion_guidance is not None:
+            motion_guidance = _per_sample(motion_guidance, b, device)
+        emb = self.embed(timesteps, fps, dtype, guidance, motion_guidance)
         for patch in patches.get("emb_patch") or ():
             emb = patch(emb, self.cfg.model_channels, options)
         context = _text_context(context, b, frames, "context").to(dtype)

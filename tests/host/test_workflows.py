@@ -21,9 +21,11 @@ from harness import require_comfyui  # tests/host/harness.py (pytest puts tests/
 
 require_comfyui()
 
+import torch  # noqa: E402
 from browser import chromium, open_page  # noqa: E402
 from harness import COMFYUI_PATH, comfy_server, mp4_info, prepare_base  # noqa: E402
 from vc_model.config import tiny_config  # noqa: E402  (run from the repository root: python -m pytest)
+from vc_model.turbo import random_turbo_lora  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
     "vc_workflow_files", Path(__file__).resolve().parents[1] / "test_workflow_files.py")
@@ -46,6 +48,9 @@ def server(tmp_path_factory):
     for shipped in (Path(COMFYUI_PATH) / "input").iterdir():  # the input folder of a fresh install
         if shipped.is_file():
             shutil.copy(shipped, base / "input" / shipped.name)
+    for turbo_file in {spec[1] for spec in wf.TURBO_KINDS.values()}:  # a tiny T2V-Turbo v1 LoRA, official list format
+        (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+        torch.save(random_turbo_lora(tiny_config().unet), base / "models" / "loras" / turbo_file)
     with comfy_server(base, CHECKPOINTS) as srv:
         yield srv
 
@@ -118,7 +123,7 @@ def test_static_widget_table_is_the_servers(info):
         assert widget_names(info[node_type]) == names, node_type
 
 
-@pytest.mark.parametrize("kind", wf.KINDS)
+@pytest.mark.parametrize("kind", wf.ALL_KINDS)
 def test_ui_workflow_matches_object_info(info, kind):
     ui = wf.load(wf.ui_path(kind))
     nodes = {node["id"]: node for node in ui["nodes"]}
@@ -177,8 +182,8 @@ def test_ui_workflow_matches_object_info(info, kind):
 
 def test_example_workflows_are_served_as_templates(server):
     status, templates = server.request("/workflow_templates")
-    assert status == 200 and sorted(templates.get(PACK, [])) == sorted(wf.KINDS), templates  # each once, no API
-    for kind in wf.KINDS:
+    assert status == 200 and sorted(templates.get(PACK, [])) == sorted(wf.ALL_KINDS), templates  # each once, no API
+    for kind in wf.ALL_KINDS:
         with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{kind}.json", timeout=30) as reply:
             assert json.loads(reply.read()) == wf.load(wf.EXAMPLES / f"{kind}.json")
 
@@ -223,14 +228,14 @@ def tiny_version(api: dict) -> dict:
         inputs = node["inputs"]
         if node["class_type"] == "VideoCrafterConditioning":
             inputs.update(width=TINY["width"], height=TINY["height"], frames=TINY["frames"])
-        elif node["class_type"] == "VideoCrafterSampler":
+        elif node["class_type"] in ("VideoCrafterSampler", "VideoCrafterTurboSampler"):
             inputs["steps"] = TINY["steps"]
         elif node["class_type"] == "VideoCrafterDecode":
             inputs["frames_per_chunk"] = TINY["frames_per_chunk"]
     return graph
 
 
-@pytest.mark.parametrize("kind", wf.KINDS)
+@pytest.mark.parametrize("kind", wf.ALL_KINDS)
 def test_api_workflow_saves_an_mp4(server, kind):
     api = tiny_version(wf.load(wf.api_path(kind)))
     before = set(server.output_dir.rglob("*.mp4"))
