@@ -64,39 +64,46 @@ def register_folder() -> None:
         pass
 
 
+def model_files(*folders: str) -> list[str]:
+    """The files of ComfyUI model folders, one list (a name in several folders is listed once)."""
+    return sorted(set().union(*(folder_paths.get_filename_list(folder) for folder in folders)))
+
+
+def model_file(name: str, *folders: str) -> str:
+    """The path of `name` in the first of `folders` that has it."""
+    for folder in folders:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    places = [f"models/{folder}/" for folder in folders]
+    where = f"is not in {places[0]}" if len(places) == 1 else f"is in neither {' nor '.join(places)}"
+    raise FileNotFoundError(f"'{name}' {where}.")
+
+
 def checkpoint_names() -> list[str]:
     """Files in models/videocrafter/ and models/checkpoints/ (videocrafter/ wins on equal names)."""
-    return sorted(set(folder_paths.get_filename_list(FOLDER)) | set(folder_paths.get_filename_list("checkpoints")))
+    return model_files(FOLDER, "checkpoints")
 
 
 def checkpoint_path(name: str) -> str:
-    path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("checkpoints", name)
-    if path is None:
-        raise FileNotFoundError(f"'{name}' is in neither models/{FOLDER}/ nor models/checkpoints/.")
-    return path
+    return model_file(name, FOLDER, "checkpoints")
 
 
 def unet_names() -> list[str]:
     """Files in models/videocrafter/ and models/diffusion_models/ (videocrafter/ wins on equal names)."""
-    return sorted(set(folder_paths.get_filename_list(FOLDER)) | set(folder_paths.get_filename_list("diffusion_models")))
+    return model_files(FOLDER, "diffusion_models")
 
 
 def unet_path(name: str) -> str:
-    path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("diffusion_models", name)
-    if path is None:
-        raise FileNotFoundError(f"'{name}' is in neither models/{FOLDER}/ nor models/diffusion_models/.")
-    return path
+    return model_file(name, FOLDER, "diffusion_models")
 
 
 def lora_names() -> list[str]:
-    return folder_paths.get_filename_list("loras")
+    return model_files("loras")
 
 
 def load_lora_file(name: str) -> dict:
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        raise FileNotFoundError(f"'{name}' is not in models/loras/.")
-    return comfy.utils.load_torch_file(path, safe_load=True)
+    return comfy.utils.load_torch_file(model_file(name, "loras"), safe_load=True)
 
 
 def _release(state_dict, prefix: str) -> None:

@@ -25,7 +25,6 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import folder_paths
 import latent_preview
 from comfy.k_diffusion import sampling as k_sampling
 from comfy.weight_adapter.lora import LoRAAdapter
@@ -36,6 +35,7 @@ from ..vc_model.unet import guidance_layers
 from . import turbo_sampling as ts
 from .conditioning import has_image, videocrafter_model
 from .guards import explain_out_of_memory, sampling_oom
+from .loader import model_file, model_files
 from .logic import latent_problem, latent_size_problem
 from .model import ModelSamplingVideoCrafter
 
@@ -44,18 +44,11 @@ FOLDERS = ("loras", "videocrafter")  # unet_lora.pt goes with the LoRAs; unet_mg
 
 def turbo_names() -> list[str]:
     """Files in models/loras/ and models/videocrafter/."""
-    names = set()
-    for folder in FOLDERS:
-        names.update(folder_paths.get_filename_list(folder))
-    return sorted(names)
+    return model_files(*FOLDERS)
 
 
 def turbo_path(name: str) -> str:
-    for folder in FOLDERS:
-        path = folder_paths.get_full_path(folder, name)
-        if path is not None:
-            return path
-    raise FileNotFoundError(f"'{name}' is in neither models/loras/ nor models/videocrafter/.")
+    return model_file(name, *FOLDERS)
 
 
 def is_turbo(model) -> bool:
