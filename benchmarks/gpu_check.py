@@ -10,6 +10,11 @@ Rows (random full-size weights unless --ckpt-vc2 / --ckpt-1024 name real checkpo
   partial  VideoCrafter2 U-Net with fp32 weights loaded by ModelPatcher.load with a 4 GiB budget:
            seconds per cond+uncond step at 320x512x16 against a full load, peak memory, and the
            largest difference of the outputs.
+  long     VideoCrafter2 320x512x64 in bf16 with VideoCrafter Long Video (FreeNoise, window 16, stride 4),
+           50 DDIM steps: seconds and peak against the 16-frame bf16 e2e row (issue 10).
+  turbo    VideoCrafter2 320x512x16 in bf16 with a random T2V-Turbo v1 LoRA (official layout, rank 64)
+           through Apply VideoCrafter T2V-Turbo and the Turbo Sampler at 4 steps: seconds and peak
+           against the 50-step e2e row (issue 11).
   sdpa     attention with a batch above 2**15 rows (the temporal attention of two 576x1024 videos
            with cond + uncond: 4*72*128 = 36,864 rows): vc_model's sdpa_attention and ComfyUI's
            optimized_attention against a sliced reference; seconds.
@@ -22,7 +27,9 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -50,6 +57,7 @@ import comfy.options  # noqa: E402
 comfy.options.enable_args_parsing()
 import comfy.ldm.modules.attention  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
+import folder_paths  # noqa: E402
 
 from pack_import import pack_module  # noqa: E402
 
@@ -58,6 +66,9 @@ loader = pack_module("nodes.loader")
 conditioning = pack_module("nodes.conditioning")
 sampler = pack_module("nodes.sampler")
 vae_io = pack_module("nodes.vae_io")
+long_video = pack_module("nodes.long_video")
+turbo = pack_module("nodes.turbo")
+vc_turbo = pack_module("vc_model.turbo")
 attention = pack_module("vc_model.attention")
 RELEASES = pack_module("vc_model.config").RELEASES
 DEVICE = mm.get_torch_device()
@@ -91,17 +102,23 @@ def free():
     mm.soft_empty_cache()
 
 
-def end_to_end(release: str, weights, config, weight_dtype: str, size, steps: int) -> dict:
-    """Text encode + VideoCrafter Sampler + VideoCrafter Decode, timed after a 1-step warm-up."""
+def end_to_end(release: str, weights, config, weight_dtype: str, size, steps: int, row_name: str = "e2e",
+               patch=None, sample=None) -> dict:
+    """Text encode + VideoCrafter Sampler + VideoCrafter Decode, timed after a 1-step warm-up.
+    patch(MODEL) -> MODEL: a node's patch (Long Video, Apply T2V-Turbo); sample(MODEL, positive, negative,
+    latent, steps) -> LATENT: another sampler (default VideoCrafter Sampler, cfg 12, eta 1)."""
     width, height, frames = size
     patcher, clip, vae, _, _ = loader.build_models(weights, config, weight_dtype)
+    model = patch(patcher) if patch else patcher
+    sample = sample or (lambda m, pos, neg, latent, n: sampler.sample(m, pos, neg, latent, seed=123, steps=n,
+                                                                       cfg=12.0, eta=1.0))
 
     def run(n_steps: int):
         positive = clip.encode_from_tokens_scheduled(clip.tokenize("a corgi running on the beach"))
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         positive, negative, latent = conditioning.video_conditioning(positive, negative, width, height, frames, 0, 1,
-                                                                     patcher)
-        out = sampler.sample(patcher, positive, negative, latent, seed=123, steps=n_steps, cfg=12.0, eta=1.0)
+                                                                     model)
+        out = sample(model, positive, negative, latent, n_steps)
         return vae_io.decode(vae, out["samples"], frames)
 
     run(1)
@@ -111,16 +128,35 @@ def end_to_end(release: str, weights, config, weight_dtype: str, size, steps: in
     images = run(steps)
     sync()
     seconds = time.perf_counter() - start
-    row = {"row": "e2e", "model": release, "weight_dtype": weight_dtype, "size": f"{width}x{height}x{frames}",
+    row = {"row": row_name, "model": release, "weight_dtype": weight_dtype, "size": f"{width}x{height}x{frames}",
            "steps": steps, "seconds": seconds, "peak_gib": peak_gib(), "frames_out": int(images.shape[0]),
            "finite": bool(torch.isfinite(images).all()),
            "compute_dtype": str(patcher.model.manual_cast_dtype or patcher.model.get_dtype()).removeprefix("torch.")}
-    target = TARGETS.get((release, weight_dtype))
+    target = TARGETS.get((release, weight_dtype)) if row_name == "e2e" else None
     if target and CUDA:
         row["target_s"], row["target_gib"] = target
-    del patcher, clip, vae
+    del patcher, clip, vae, model
     free()
     return row
+
+
+def long_video_row(weights, config, size, steps: int) -> dict:
+    """The e2e row at 4x the frames with VideoCrafter Long Video (FreeNoise 16 / 4) on the MODEL."""
+    width, height, frames = size
+    window, stride = (16, 4) if not ARGS.dry_run else (2, 1)
+    return end_to_end("vc2_t2v_512", weights, config, "bf16", (width, height, 4 * frames), steps, "long",
+                      patch=lambda m: long_video.long_video_model(m, window, stride, True))
+
+
+def turbo_row(weights, config, size) -> dict:
+    """The e2e row with a random T2V-Turbo v1 LoRA in the official layout, Turbo Sampler at 4 steps."""
+    folder = Path(tempfile.mkdtemp(prefix="gpu_check_turbo_"))
+    rank = 4 if ARGS.dry_run else 64
+    torch.save(vc_turbo.random_turbo_lora(config.unet, rank=rank, seed=0), folder / "unet_lora.pt")
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return end_to_end("vc2_t2v_512", weights, config, "bf16", size, 4, "turbo",
+                      patch=lambda m: turbo.apply(m, "unet_lora.pt", 7.5, 0.0, 0.5),
+                      sample=lambda m, pos, neg, latent, n: turbo.sample(m, pos, latent, 123, n))
 
 
 def partial_load(weights, config, size, budget: int | None) -> dict:
@@ -214,6 +250,10 @@ def main() -> None:
         rows.append(end_to_end("vc2_t2v_512", weights, config, weight_dtype, small, steps))
         print(json.dumps(rows[-1]), flush=True)
     rows.append(partial_load(weights, config, small, None if ARGS.dry_run else int(ARGS.budget_gib * GiB)))
+    print(json.dumps(rows[-1]), flush=True)
+    rows.append(long_video_row(weights, config, small, steps))
+    print(json.dumps(rows[-1]), flush=True)
+    rows.append(turbo_row(weights, config, small))
     print(json.dumps(rows[-1]), flush=True)
     del weights
     weights, config = state_dict("vc1_t2v_1024", ARGS.ckpt_1024)

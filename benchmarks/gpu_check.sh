@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU figure of the pack in one run (about 5 minutes on one H100-class GPU): VideoCrafter2
+# Every GPU figure of the pack in one run (about 7 minutes on one H100-class GPU): VideoCrafter2
 # 320x512x16 end to end in fp16/bf16/fp8, VideoCrafter1 576x1024x16, a partial load with a 4 GiB
-# budget, attention over more than 2**15 batch rows. Writes one JSON (--out, default
-# gpu_check.json in the current directory) plus a .txt table; details in benchmarks/gpu_check.py.
+# budget, a 64-frame FreeNoise video, 4-step T2V-Turbo, attention over more than 2**15 batch rows.
+# Writes one JSON (--out, default gpu_check.json in the current directory) plus a .txt table;
+# details in benchmarks/gpu_check.py.
 #
 #   COMFYUI_PATH=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/python] benchmarks/gpu_check.sh [--dry-run] [--out FILE]
 #

@@ -25,7 +25,11 @@ def test_gpu_check_dry_run_writes_every_row(tmp_path):
     partial, = [r for r in rows if r["row"] == "partial"]
     assert partial["lowvram"] and partial["loaded_gib"] < partial["weights_gib"]
     assert partial["max_diff"] <= 1e-5 * partial["max_ref"]
+    long, = [r for r in rows if r["row"] == "long"]
+    assert long["finite"] and long["frames_out"] == 16 and long["size"] == "128x64x16"
+    turbo, = [r for r in rows if r["row"] == "turbo"]
+    assert turbo["finite"] and turbo["frames_out"] == 4 and turbo["steps"] == 4
     sdpa, = [r for r in rows if r["row"] == "sdpa"]
     assert sdpa["batch"] > sdpa["limit"] and sdpa["vc_model_max_diff"] < 1e-5 and sdpa["comfy_max_diff"] < 1e-4
     table = (tmp_path / "check.txt").read_text()
-    assert "fp8_e4m3fn_fast" in table and "partial" in table and "sdpa" in table
+    assert all(name in table for name in ("fp8_e4m3fn_fast", "partial", "long", "turbo", "sdpa"))
