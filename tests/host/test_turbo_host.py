@@ -135,3 +135,25 @@ def test_mistakes_are_refused_with_a_message(server, change, words):
     graph["5"] = turbo_sampler(model=("1", 0) if change.get("plain_sampler") else ("10", 0), steps=1)
     entry = server.run(save(graph, "20", "5", "bad"))
     assert entry["status"]["status_str"] == "error" and words in error_message(entry), error_message(entry)
+
+
+def test_long_video_and_turbo_on_one_model(server):
+    """Long Video (FreeNoise) on the Turbo MODEL: its windows and rescheduled noise reach the Turbo Sampler;
+    a window holding every frame is the Turbo MODEL alone."""
+    frames = 8
+
+    def run(window: int | None, prefix: str) -> torch.Tensor:
+        graph = base_graph()
+        graph["4"]["inputs"]["frames"] = frames
+        model = ("10", 0)
+        if window is not None:
+            graph["11"] = {"class_type": "VideoCrafterLongVideo", "inputs": {
+                "model": ["10", 0], "window": window, "stride": 2, "reschedule_noise": True}}
+            model = ("11", 0)
+        graph["5"] = turbo_sampler(seed=7, steps=2, model=model)
+        return latent(server, server.run_ok(save(graph, "20", "5", prefix)), "20")
+
+    alone, covering, windowed = run(None, "turbo_alone"), run(frames, "turbo_covering"), run(4, "turbo_windowed")
+    assert windowed.shape == (1, 4, frames, HEIGHT // 8, WIDTH // 8) and windowed.abs().max() > 0.1
+    assert torch.allclose(covering, alone, atol=1e-5), (covering - alone).abs().max()
+    assert not torch.allclose(windowed, alone, atol=1e-3)
