@@ -197,7 +197,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if common.is_worker():
-        common.worker_main(worker)
-    else:
-        main()
+    common.run(main, worker)

@@ -405,6 +405,14 @@ def is_worker() -> bool:
     return "--worker" in sys.argv
 
 
+def run(main, worker) -> None:
+    """A benchmark script's entry: `worker(spec)` in a `--worker` subprocess, else `main()`."""
+    if is_worker():
+        worker_main(worker)
+    else:
+        main()
+
+
 # ----------------------------------------------------------------------------- output
 
 
